@@ -1,0 +1,55 @@
+"""The app factory. Its lifespan opens the store, the lanes and the upstreams and hands
+them to the endpoints: there is no module-level state."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from laneway.config import Settings
+from laneway.errors import LanewayError
+from laneway.http import errors
+from laneway.http.routes import Api
+from laneway.lanes import open_lanes
+from laneway.metrics import Metrics
+from laneway.service import TurnService
+from laneway.store import open_store
+from laneway.upstream import open_upstreams
+
+
+def create_app(settings: Settings) -> Starlette:
+    api = Api(settings)
+    return Starlette(
+        routes=api.routes(),
+        exception_handlers={
+            LanewayError: errors.laneway_error,
+            HTTPException: errors.http_error,
+            Exception: errors.unexpected_error,
+        },
+        lifespan=lambda _app: _lifespan(api, settings),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(api: Api, settings: Settings) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        lanes = await open_lanes(settings.lanes)
+        stack.push_async_callback(lanes.close)
+        store = await open_store(settings.store_url, exclusive=settings.lanes == "local")
+        stack.push_async_callback(store.close)
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
+        stack.push_async_callback(http.close)
+        upstreams = await open_upstreams(
+            list(settings.agents.values()), http, settings.upstream_timeout_s
+        )
+        for upstream in {id(u): u for u in upstreams.values()}.values():
+            stack.push_async_callback(upstream.close)
+        metrics = Metrics()
+        service = TurnService(store, lanes, upstreams, metrics)
+        stack.push_async_callback(service.close)
+        api.bind(service, store, lanes, metrics)
+        yield

