@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from aiohttp import web
@@ -83,7 +83,9 @@ def _require(ok: object, message: str, param: str | None = None, code: str | Non
 
 
 def _error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
-    return orjson.dumps({"error": dict(message=message, type=type_, param=param, code=code)})
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
 
 
 def _dig(obj: Any, *keys: str) -> Any:
@@ -265,7 +267,7 @@ class ScriptedUpstream:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    def start(self) -> ScriptedUpstream:
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("ScriptedUpstream already started")
         ready, self._error = threading.Event(), None
@@ -285,7 +287,7 @@ class ScriptedUpstream:
         self._thread.join(timeout=30)
         self._thread = self._loop = self._stopping = None
 
-    def __enter__(self) -> ScriptedUpstream:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -296,11 +298,8 @@ class ScriptedUpstream:
             runner.run(self._serve(ready))
 
     async def _serve(self, ready: threading.Event) -> None:
-        self._loop, self._stopping, self._closing = (
-            asyncio.get_running_loop(),
-            asyncio.Event(),
-            False,
-        )
+        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        self._closing = False
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -311,7 +310,7 @@ class ScriptedUpstream:
             await runner.setup()
             await web.TCPSite(runner, self.host, self.port).start()
             self.port = runner.addresses[0][1]
-        except Exception as exc:  # handed to start(), which raises it in the caller's thread
+        except Exception as exc:  # noqa: BLE001 - start() re-raises it in the caller's thread
             self._error = exc
         ready.set()
         try:
@@ -428,9 +427,13 @@ class ScriptedUpstream:
         out_text = " ".join([content or ""] + [c["function"]["arguments"] for c in tool_calls])
         prompt = sum(len(_text(m.get("content"))) for m in msgs) // 4 + 1
         words = len(out_text.split())
-        usage = dict(prompt_tokens=prompt, completion_tokens=words, total_tokens=prompt + words)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": words,
+            "total_tokens": prompt + words,
+        }
         cid, model = f"chatcmpl-scripted{self._next()}", body["model"]
-        base = dict(id=cid, created=int(time.time()), model=model, system_fingerprint=None)
+        base = {"id": cid, "created": int(time.time()), "model": model, "system_fingerprint": None}
         if body.get("stream") is True:
             opts = body.get("stream_options")
             with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -441,7 +444,7 @@ class ScriptedUpstream:
         message: Json = {"role": "assistant", "content": content, "refusal": None}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        choice = dict(index=0, message=message, logprobs=None, finish_reason=finish)
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         out = orjson.dumps(
             {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
         )
@@ -459,7 +462,8 @@ class ScriptedUpstream:
         if script.calls and not results:
             fns = [{"name": name, "arguments": args} for name, args in script.calls]
             calls = [
-                dict(id=f"call_{conv}_{self._next()}", type="function", function=f) for f in fns
+                {"id": f"call_{conv}_{self._next()}", "type": "function", "function": f}
+                for f in fns
             ]
             return None, calls, "tool_calls"
         if script.huge is not None:
@@ -476,9 +480,14 @@ class ScriptedUpstream:
         return content, [], "stop"
 
     async def _stream(
-        self, ex: _Exchange, base: Json, deltas: list[Json], finish: str, usage: Json | None,
+        self,
+        ex: _Exchange,
+        base: Json,
+        deltas: list[Json],
+        finish: str,
+        usage: Json | None,
         script: _Script,
-    ) -> None:  # fmt: skip
+    ) -> None:
         ex.status, ex.resp = 200, web.StreamResponse(headers={"Cache-Control": "no-cache"})
         ex.resp.content_type = "text/event-stream"
         await ex.resp.prepare(ex.request)
@@ -487,7 +496,7 @@ class ScriptedUpstream:
             head["usage"] = None  # include_usage: null on every chunk but the extra last one
 
         def chunk(delta: Json, reason: str | None = None) -> bytes:
-            choice = dict(index=0, delta=delta, logprobs=None, finish_reason=reason)
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             return _sse({**head, "choices": [choice]})
 
         if script.bad_json:
@@ -516,10 +525,11 @@ def _deltas(content: str | None, tool_calls: list[Json]) -> list[Json]:
     role = {"role": "assistant", "content": None if content is None else "", "refusal": None}
     deltas: list[Json] = [role, *({"content": s} for s in _pieces(content or ""))]
     for i, c in enumerate(tool_calls):
-        name, args = c["function"]["name"], c["function"]["arguments"]
-        start = dict(index=i, id=c["id"], type="function", function=dict(name=name, arguments=""))
+        fn = {"name": c["function"]["name"], "arguments": ""}
+        start = {"index": i, "id": c["id"], "type": "function", "function": fn}
         deltas.append({"tool_calls": [start]})
         deltas += [
-            {"tool_calls": [{"index": i, "function": {"arguments": a}}]} for a in _pieces(args)
+            {"tool_calls": [{"index": i, "function": {"arguments": a}}]}
+            for a in _pieces(c["function"]["arguments"])
         ]
     return deltas

@@ -1,0 +1,133 @@
+"""Fixtures: the scripted upstream (a real OpenAI-compatible server on a real port) and
+laneway gateways started as real `laneway serve` processes in front of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+from scripted_upstream import ScriptedUpstream
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream() as server:
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+    api_key: str = "test"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, **kwargs: object) -> AsyncOpenAI:
+        options: dict[str, object] = {"max_retries": 0, "timeout": 30.0}
+        options.update(kwargs)
+        return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **options)  # type: ignore[arg-type]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+StartGateway = Callable[..., Gateway]
+
+
+def start_gateway(
+    *args: str, env: dict[str, str] | None = None, config: str | None = None, wait: float = 60
+) -> Gateway:
+    """`laneway serve` on a free port with a fresh data dir; returns once /healthz is ok."""
+    data_dir = Path(tempfile.mkdtemp(prefix="laneway-test-"))
+    port = free_port()
+    argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
+            "--data-dir", str(data_dir), "--log-level", "warning", *args]
+    if config is not None:
+        path = data_dir / "laneway.toml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    log = data_dir / "server.log"
+    proc = subprocess.Popen(
+        argv,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    gateway = Gateway(f"http://127.0.0.1:{port}", proc, data_dir, log)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"laneway exited {proc.returncode}:\n{gateway.output()}")
+        try:
+            with urllib.request.urlopen(gateway.url + "/healthz", timeout=1) as resp:
+                if resp.status == 200:
+                    return gateway
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+    gateway.stop()
+    raise RuntimeError(f"laneway did not start in {wait}s:\n{gateway.output()}")
+
+
+@pytest.fixture(scope="session")
+def gateways() -> Iterator[StartGateway]:
+    """Start extra gateways in a test; all are stopped at the end of the session."""
+    started: list[Gateway] = []
+
+    def start(*args: str, **kwargs: object) -> Gateway:
+        gateway = start_gateway(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(gateways: StartGateway, upstream: ScriptedUpstream) -> Gateway:
+    """The default gateway: the scripted upstream behind it, fast queue keep-alives."""
+    return gateways("--upstream", upstream.url, "--queue-keepalive-s", "0.2")
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> AsyncOpenAI:
+    return gateway.client()
+
+
+@pytest.fixture
+def conv() -> str:
+    """A fresh conversation tag: the scripted upstream groups calls by `[conv=...]`."""
+    return uuid.uuid4().hex[:12]
