@@ -83,7 +83,7 @@ def serve(
                 "upstream_api_key": upstream_api_key,
                 "store": store,
                 "lanes": lanes,
-                "api_keys": config.parse_api_keys(api_key or []) or None,
+                "api_keys": api_key,
                 "admin_keys": admin_key,
                 "max_queue_depth": max_queue_depth,
                 "max_queue_wait_s": max_queue_wait_s,
@@ -130,7 +130,8 @@ def _run(settings: config.Settings) -> None:
     console.print(
         f"laneway listening on [bold]http://{settings.host}:{settings.port}[/bold]\n"
         f"  model: {model}\n  store: {settings.store_url}\n  lanes: {settings.lanes}\n"
-        f"  agents: {', '.join(settings.agents)}"
+        f"  agents: {', '.join(settings.agents)}",
+        soft_wrap=True,
     )
     uvicorn.run(
         create_app(settings),

@@ -9,11 +9,13 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER keys
@@ -33,6 +35,8 @@ sessions = Table(
     Column("next_seq", Integer, nullable=False),
     Column("turns", Integer, nullable=False),
     Column("fence", BigInteger, nullable=False),
+    UniqueConstraint("tenant", "agent", "key", name="uq_sessions_identity"),
+    Index("ix_sessions_tenant_id", "tenant", "id"),
 )
 
 messages = Table(
@@ -44,6 +48,7 @@ messages = Table(
     Column("turn_id", String(40), nullable=False),
     Column("data", Text, nullable=False),
     Column("tokens", Integer, nullable=False),
+    UniqueConstraint("session_id", "seq", name="uq_messages_session_seq"),
 )
 
 turns = Table(
@@ -59,6 +64,7 @@ turns = Table(
     Column("usage", Text),
     Column("response", Text),
     Column("idempotency_key", String(200)),
+    Index("ix_turns_session", "session_id", "idempotency_key"),
 )
 
 memories = Table(
@@ -71,4 +77,5 @@ memories = Table(
     Column("text", Text, nullable=False),
     Column("pinned", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
+    Index("ix_memories_scope", "tenant", "agent", "session_id"),
 )

@@ -1,0 +1,140 @@
+"""The SQL store: migrations match the table definitions, commits are atomic and fenced,
+the cached tail stays bounded, memory search is lexical."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from laneway.store.base import MemoryScope, SessionRef, StaleFence, TurnRecord
+from laneway.store.schema import metadata
+from laneway.store.sql import SqlStore, search_terms
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    s = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def _turn(n: int, *texts: str, memories: list[tuple[str, bool]] | None = None) -> TurnRecord:
+    now = time.time()
+    messages = []
+    for text in texts:
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "re " + text}]
+    return TurnRecord(
+        id=f"turn_{n}", status="completed", created_at=now, started_at=now, finished_at=now,
+        queue_wait_ms=0.0, messages=messages, memories=memories or [], response=None, usage=None,
+    )
+
+
+async def test_migrations_match_schema(store: SqlStore) -> None:
+    def diff(conn):  # type: ignore[no-untyped-def]
+        return compare_metadata(MigrationContext.configure(conn), metadata)
+
+    async with store.engine.connect() as conn:
+        changes = await conn.run_sync(diff)
+    # FTS5 shadow tables are created by the migration on purpose; nothing else may differ.
+    assert [c for c in changes if "memories_fts" not in str(c)] == []
+
+
+async def test_commit_creates_then_appends(store: SqlStore) -> None:
+    ref = SessionRef("t", "default", "k")
+    state = await store.load(ref, fence=1, window_tokens=1000)
+    assert state.id is None and state.tail == []
+    await store.commit(state, _turn(1, "one"), fence=1)
+    assert state.id is not None and state.turns == 1 and state.next_seq == 2
+    again = await store.load(ref, fence=2, window_tokens=1000)
+    await store.commit(again, _turn(2, "two"), fence=2)
+    assert [m["content"] for m in await store.transcript(ref, 10)] == ["one", "re one", "two", "re two"]
+    info = await store.session_info(ref)
+    assert info is not None and info.turns == 2
+    turn = await store.turn(ref, "turn_2")
+    assert turn is not None and turn["status"] == "completed"
+    assert await store.turn(SessionRef("other", "default", "k"), "turn_2") is None
+
+
+async def test_stale_fence_writes_nothing(tmp_path: Path) -> None:
+    """Two stores on one database (as two replicas): the older lane grant cannot write."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    a, b = SqlStore(url, exclusive=False), SqlStore(url, exclusive=False)
+    await a.open()
+    await b.open()
+    ref = SessionRef("t", "default", "k")
+    first = await a.load(ref, fence=10, window_tokens=1000)
+    await a.commit(first, _turn(1, "one"), fence=10)
+    zombie = await a.load(ref, fence=11, window_tokens=1000)
+    fresh = await b.load(ref, fence=12, window_tokens=1000)
+    await b.commit(fresh, _turn(2, "two"), fence=12)
+    with pytest.raises(StaleFence):
+        await a.commit(zombie, _turn(3, "zombie"), fence=11)
+    with pytest.raises(StaleFence):
+        await a.load(ref, fence=11, window_tokens=1000)
+    contents = [m["content"] for m in await b.transcript(ref, 10)]
+    assert contents == ["one", "re one", "two", "re two"]
+    reread = await a.load(ref, fence=13, window_tokens=1000)  # revision moved: cache refreshed
+    assert [m.message["content"] for m in reread.tail] == contents
+    await a.close()
+    await b.close()
+
+
+async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, tmp_path: Path) -> None:
+    ref = SessionRef("t", "default", "long")
+    state = await store.load(ref, fence=1, window_tokens=200)
+    for i in range(60):
+        await store.commit(state, _turn(i, f"message number {i} " + "pad " * 10), fence=1)
+    assert state.tail_tokens <= 2 * 200 + 50
+    assert state.tail[0].message["role"] == "user"
+    cold = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    await cold.open()
+    loaded = await cold.load(ref, fence=2, window_tokens=200)
+    assert loaded.turns == 60 and loaded.next_seq == 120
+    assert sum(m.tokens for m in loaded.tail) >= 200
+    assert loaded.tail[-1].message["content"] == "re message number 59 " + "pad " * 10
+    await cold.close()
+
+
+async def test_memory_search_and_scopes(store: SqlStore) -> None:
+    ref = SessionRef("t", "default", "mem")
+    state = await store.load(ref, fence=1, window_tokens=1000)
+    await store.commit(
+        state,
+        _turn(1, "x", memories=[("Ann likes green tea", False), ("the launch is on Friday", True)]),
+        fence=1,
+    )
+    scope = MemoryScope("t", "default", state.id)
+    found = await store.search_memories(scope, "What tea does Ann like?", 5)
+    assert [m.text for m in found] == ["Ann likes green tea"]
+    assert [m.text for m in await store.pinned_memories(scope, 5)] == ["the launch is on Friday"]
+    assert await store.search_memories(MemoryScope("t", "default", None), "tea", 5) == []
+    assert await store.search_memories(MemoryScope("u", "default", state.id), "tea", 5) == []
+    assert await store.search_memories(scope, "the and of", 5) == []
+    assert await store.search_memories(scope, 'tea" OR x NEAR(', 5)  # FTS syntax is neutralised
+    await store.delete_session(ref)
+    assert await store.search_memories(scope, "tea", 5) == []
+
+
+def test_search_terms() -> None:
+    assert search_terms("What does Ann like? Ann likes TEA!") == ["ann", "like", "likes", "tea"]
+    assert search_terms("the a of") == []
+
+
+async def test_list_sessions_pages(store: SqlStore) -> None:
+    for i in range(5):
+        state = await store.load(SessionRef("t", "default", f"k{i}"), fence=1, window_tokens=100)
+        await store.commit(state, _turn(i, "x"), fence=1)
+    other = await store.load(SessionRef("u", "default", "k"), fence=1, window_tokens=100)
+    await store.commit(other, _turn(9, "x"), fence=1)
+    page, cursor = await store.list_sessions("t", None, 3, None)
+    assert [s.key for s in page] == ["k0", "k1", "k2"] and cursor
+    page, cursor = await store.list_sessions("t", None, 3, cursor)
+    assert [s.key for s in page] == ["k3", "k4"] and cursor is None
+    everyone, _ = await store.list_sessions(None, None, 10, None)
+    assert len(everyone) == 6
