@@ -3,6 +3,9 @@ laneway gateways started as real `laneway serve` processes in front of it."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,13 +15,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from openai import AsyncOpenAI
 from scripted_upstream import ScriptedUpstream
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +137,33 @@ def client(gateway: Gateway) -> AsyncOpenAI:
 def conv() -> str:
     """A fresh conversation tag: the scripted upstream groups calls by `[conv=...]`."""
     return uuid.uuid4().hex[:12]
+
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, randomly named database on the machine's PostgreSQL, dropped afterwards."""
+    import asyncpg
+
+    name = "laneway_test_" + uuid.uuid4().hex[:12]
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_async(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        run_async(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from sync code, even inside a running event loop's thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -4,21 +4,34 @@ the cached tail stays bounded, memory search is lexical."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from conftest import postgres_database
 
 from laneway.store.base import MemoryScope, SessionRef, StaleFence, TurnRecord
 from laneway.store.schema import metadata
 from laneway.store.sql import SqlStore, search_terms
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same contract on both databases: a fresh one per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
-    s = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+async def store(db_url: str) -> AsyncIterator[SqlStore]:
+    s = SqlStore(db_url)
     await s.open()
     yield s
     await s.close()
@@ -35,14 +48,18 @@ def _turn(n: int, *texts: str, memories: list[tuple[str, bool]] | None = None) -
     )
 
 
-async def test_migrations_match_schema(store: SqlStore) -> None:
-    def diff(conn):  # type: ignore[no-untyped-def]
-        return compare_metadata(MigrationContext.configure(conn), metadata)
-
-    async with store.engine.connect() as conn:
-        changes = await conn.run_sync(diff)
-    # FTS5 shadow tables are created by the migration on purpose; nothing else may differ.
-    assert [c for c in changes if "memories_fts" not in str(c)] == []
+async def test_migrations_match_schema(store: SqlStore, db_url: str) -> None:
+    scheme, rest = db_url.split("://", 1)
+    driver = "sqlite+aiosqlite" if scheme == "sqlite" else "postgresql+asyncpg"
+    engine = create_async_engine(f"{driver}://{rest}")
+    async with engine.connect() as conn:
+        changes = await conn.run_sync(
+            lambda c: compare_metadata(MigrationContext.configure(c), metadata)
+        )
+    await engine.dispose()
+    # Lexical search lives outside the portable schema on purpose: FTS5 tables on SQLite,
+    # a generated tsvector column and its index on PostgreSQL. Nothing else may differ.
+    assert [c for c in changes if "memories_fts" not in str(c) and "tsv" not in str(c)] == []
 
 
 async def test_commit_creates_then_appends(store: SqlStore) -> None:
@@ -61,9 +78,9 @@ async def test_commit_creates_then_appends(store: SqlStore) -> None:
     assert await store.turn(SessionRef("other", "default", "k"), "turn_2") is None
 
 
-async def test_stale_fence_writes_nothing(tmp_path: Path) -> None:
+async def test_stale_fence_writes_nothing(db_url: str) -> None:
     """Two stores on one database (as two replicas): the older lane grant cannot write."""
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    url = db_url
     a, b = SqlStore(url, exclusive=False), SqlStore(url, exclusive=False)
     await a.open()
     await b.open()
@@ -85,14 +102,14 @@ async def test_stale_fence_writes_nothing(tmp_path: Path) -> None:
     await b.close()
 
 
-async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, tmp_path: Path) -> None:
+async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, db_url: str) -> None:
     ref = SessionRef("t", "default", "long")
     state = await store.load(ref, fence=1, window_tokens=200)
     for i in range(60):
         await store.commit(state, _turn(i, f"message number {i} " + "pad " * 10), fence=1)
     assert state.tail_tokens <= 2 * 200 + 50
     assert state.tail[0].message["role"] == "user"
-    cold = SqlStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cold = SqlStore(db_url)
     await cold.open()
     loaded = await cold.load(ref, fence=2, window_tokens=200)
     assert loaded.turns == 60 and loaded.next_seq == 120

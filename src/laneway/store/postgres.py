@@ -1,0 +1,90 @@
+"""PostgreSQL through asyncpg's own pool, which prepares and caches each statement once
+per connection. Migrations run through SQLAlchemy's asyncpg engine at start."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from laneway.store.base import MemoryScope
+from laneway.store.driver import Row
+from laneway.store.migrate import upgrade
+from laneway.store.statements import Sql
+
+_SEARCH = (
+    "SELECT id, text, pinned, created_at FROM memories "
+    "WHERE tenant = $1 AND agent = $2 AND session_id {owner} "
+    "AND tsv @@ to_tsquery('english', $3) "
+    "ORDER BY ts_rank(tsv, to_tsquery('english', $3)) DESC LIMIT $4"
+)
+_SEARCH_SESSION = _SEARCH.format(owner="= $5")
+_SEARCH_AGENT = _SEARCH.format(owner="IS NULL")
+
+
+class PostgresConn:
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self.raw = raw
+
+    async def fetch(self, sql: Sql, params: dict[str, Any]) -> list[Row]:
+        return [tuple(r) for r in await self.raw.fetch(sql.text, *sql.args(params))]
+
+    async def execute(self, sql: Sql, params: dict[str, Any]) -> int:
+        status: str = await self.raw.execute(sql.text, *sql.args(params))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def executemany(self, sql: Sql, rows: list[dict[str, Any]]) -> None:
+        await self.raw.executemany(sql.text, [sql.args(r) for r in rows])
+
+    async def search(self, scope: MemoryScope, terms: list[str], limit: int) -> list[Row]:
+        query = " | ".join(terms)
+        if scope.session_id is None:
+            rows = await self.raw.fetch(_SEARCH_AGENT, scope.tenant, scope.agent, query, limit)
+        else:
+            rows = await self.raw.fetch(
+                _SEARCH_SESSION, scope.tenant, scope.agent, query, limit, scope.session_id
+            )
+        return [tuple(r) for r in rows]
+
+
+class PostgresDriver:
+    dialect = asyncpg_dialect.dialect()
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.dsn = "postgresql://" + url.split("://", 1)[1]
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        engine = create_async_engine("postgresql+asyncpg://" + self.dsn.split("://", 1)[1])
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(upgrade)
+        finally:
+            await engine.dispose()
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[PostgresConn]:
+        assert self._pool is not None, "store is not open"
+        async with self._pool.acquire() as raw:
+            yield PostgresConn(raw)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresConn]:
+        assert self._pool is not None, "store is not open"
+        async with self._pool.acquire() as raw, raw.transaction():
+            yield PostgresConn(raw)

@@ -1,0 +1,134 @@
+"""Every statement of the store, built with SQLAlchemy Core and compiled once per dialect.
+
+The hot path then runs the compiled SQL on the raw driver connection. Measured on this
+machine, SQLAlchemy's async execution layer over aiosqlite cost 1.6 ms of CPU to commit a
+turn and 0.5 ms per small SELECT; the same compiled statements on the raw `sqlite3`
+connection cost 0.04 ms and 0.01 ms. Core keeps the SQL portable across SQLite and
+PostgreSQL; the execution layer is what we skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import ClauseElement
+
+from laneway.store import schema as t
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    """Compiled SQL and the order of its positional parameters."""
+
+    text: str
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        defaults = self.defaults
+        return tuple(params[n] if n in params else defaults[n] for n in self.names)
+
+
+def compile_sql(stmt: ClauseElement, dialect: Dialect) -> Sql:
+    compiled = stmt.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    if dialect.paramstyle == "numeric_dollar":  # $n may repeat; bind each name once
+        names = tuple(dict.fromkeys(names))
+    defaults = {k: v for k, v in compiled.params.items() if v is not None or k not in names}
+    return Sql(str(compiled), names, defaults)
+
+
+def _p(name: str) -> Any:
+    return bindparam(name)
+
+
+_s, _m, _t, _mem = t.sessions, t.messages, t.turns, t.memories
+_IDENTITY = (_s.c.tenant == _p("tenant"), _s.c.agent == _p("agent"), _s.c.key == _p("key"))
+_SCOPE = (_mem.c.tenant == _p("tenant"), _mem.c.agent == _p("agent"))
+_SUMMARY = (_s.c.id, _s.c.key, _s.c.agent, _s.c.tenant, _s.c.turns, _s.c.created_at,
+            _s.c.updated_at)
+
+
+class Statements:
+    """The store's statements for one dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        def c(stmt: ClauseElement) -> Sql:
+            return compile_sql(stmt, dialect)
+
+        self.session_row = c(
+            select(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at,
+                   _s.c.fence).where(*_IDENTITY)
+        )
+        self.session_id = c(select(_s.c.id).where(*_IDENTITY))
+        self.create_session = c(
+            insert(_s)
+            .values(
+                tenant=_p("tenant"), agent=_p("agent"), key=_p("key"), created_at=_p("created_at"),
+                updated_at=_p("now"), revision=1, next_seq=_p("added"), turns=1, fence=_p("fence"),
+            )
+            .returning(_s.c.id)
+        )
+        self.advance_session = c(
+            update(_s)
+            .where(_s.c.id == _p("sid"), _s.c.fence <= _p("fence"))
+            .values(
+                updated_at=_p("now"),
+                revision=_s.c.revision + 1,
+                next_seq=_s.c.next_seq + _p("added"),
+                turns=_s.c.turns + 1,
+                fence=_p("fence"),
+            )
+        )
+        self.insert_turn = c(
+            insert(_t).values({col.name: _p(col.name) for col in _t.columns})
+        )
+        self.insert_message = c(
+            insert(_m).values({name: _p(name) for name in
+                               ("session_id", "seq", "turn_id", "data", "tokens")})
+        )
+        self.insert_memory = c(
+            insert(_mem).values({name: _p(name) for name in
+                                 ("tenant", "agent", "session_id", "text", "pinned",
+                                  "created_at")})
+        )
+        tail = select(_m.c.seq, _m.c.data, _m.c.tokens).where(_m.c.session_id == _p("sid"))
+        self.tail_first = c(tail.order_by(_m.c.seq.desc()).limit(_p("limit")))
+        self.tail_before = c(
+            tail.where(_m.c.seq < _p("before")).order_by(_m.c.seq.desc()).limit(_p("limit"))
+        )
+        memories = select(_mem.c.id, _mem.c.text, _mem.c.pinned, _mem.c.created_at).where(*_SCOPE)
+        newest = (_mem.c.id.desc(),)
+        in_session = memories.where(_mem.c.session_id == _p("sid"))
+        in_agent = memories.where(_mem.c.session_id.is_(None))
+        pinned = _mem.c.pinned.is_(True)
+        self.memories_session = c(in_session.order_by(*newest).limit(_p("limit")))
+        self.memories_agent = c(in_agent.order_by(*newest).limit(_p("limit")))
+        self.pinned_session = c(in_session.where(pinned).order_by(*newest).limit(_p("limit")))
+        self.pinned_agent = c(in_agent.where(pinned).order_by(*newest).limit(_p("limit")))
+        self.summary = c(select(*_SUMMARY).where(*_IDENTITY))
+        self.transcript = c(
+            select(_m.c.data)
+            .join(_s, _s.c.id == _m.c.session_id)
+            .where(*_IDENTITY)
+            .order_by(_m.c.seq.desc())
+            .limit(_p("limit"))
+        )
+        self.turn = c(
+            select(*(col for col in _t.columns if col.name != "session_id"))
+            .join(_s, _s.c.id == _t.c.session_id)
+            .where(_t.c.id == _p("turn_id"), *_IDENTITY)
+        )
+        self.delete_session = c(delete(_s).where(*_IDENTITY))
+        listing = select(*_SUMMARY).where(_s.c.id > _p("after")).order_by(_s.c.id)
+        self.list_all = c(listing.limit(_p("limit")))
+        self.list_tenant = c(listing.where(_s.c.tenant == _p("tenant")).limit(_p("limit")))
+        self.list_agent = c(listing.where(_s.c.agent == _p("agent")).limit(_p("limit")))
+        self.list_tenant_agent = c(
+            listing.where(_s.c.tenant == _p("tenant"), _s.c.agent == _p("agent"))
+            .limit(_p("limit"))
+        )
+        self.ping = c(select(func.count()).select_from(_s).where(_s.c.id == -1))
