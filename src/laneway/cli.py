@@ -96,7 +96,7 @@ def serve(
         )
         _check_local_model(settings)
     except config.ConfigError as e:
-        console.print(f"[red]laneway: {e}[/red]")
+        console.print(f"laneway: {e}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     _run(settings)
 
