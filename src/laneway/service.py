@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,20 @@ class ChatRequest:
     include_usage: bool = False
     idempotency_key: str | None = None
     policy: str = "enqueue"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSummary:
+    """A finished (or abandoned) turn, kept in memory for operators' live views."""
+
+    turn_id: str
+    tenant: str
+    agent: str
+    session_key: str
+    outcome: str  # ok | error | abandoned | ...
+    created: float
+    queue_wait_ms: float
+    duration_ms: float
 
 
 def lane_key(ref: SessionRef) -> str:
@@ -128,6 +143,8 @@ class TurnService:
         self.upstreams = upstreams
         self.metrics = metrics
         self._running: set[asyncio.Task[None]] = set()
+        #: The last turns, newest last, for live views (`/v1/lanes`, the web page).
+        self.recent: deque[TurnSummary] = deque(maxlen=2000)
 
     async def submit(self, req: ChatRequest) -> Turn:
         """Take a place in the session's lane and start the turn. Raises at once when the
@@ -178,8 +195,14 @@ class TurnService:
         finally:
             await turn.ticket.release()
             self.metrics.turns.labels(outcome).inc()
+            duration_ms = (time.time() - started_at) * 1000 if turn.started else 0.0
             if turn.started:
-                self.metrics.turn_seconds.observe(time.time() - started_at)
+                self.metrics.turn_seconds.observe(duration_ms / 1000)
+            ref = turn.ref
+            self.recent.append(
+                TurnSummary(turn.id, ref.tenant, ref.agent, ref.key, outcome, turn.created,
+                            turn.queue_wait_ms, duration_ms)
+            )
 
     def _tool_context(self, state: SessionState, agent: AgentConfig, ticket: Ticket) -> ToolContext:
         ref = state.ref
