@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 POLICIES = ("enqueue", "reject", "interrupt", "collect")
 MEMORY_SCOPES = ("session", "agent")
+ON_DISCONNECT = ("continue", "cancel")
 DEFAULT_TENANT = "default"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -41,6 +42,8 @@ class AgentConfig:
     max_queue_wait_s: float = 300.0
     max_tool_iterations: int = 8
     on_disconnect: str = "continue"
+    #: A turn running longer is stopped (504 turn_timeout) and its lane freed.
+    max_turn_s: float = 600.0
 
 
 # Settings every agent inherits from the top level unless its table sets them.
@@ -52,6 +55,7 @@ _INHERITED = (
     "lane_policy",
     "max_queue_depth",
     "max_queue_wait_s",
+    "max_turn_s",
 )
 
 
@@ -74,6 +78,11 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     context_tokens: int = 8192
     lane_policy: str = "enqueue"
+    max_turn_s: float = 600.0
+    #: Turns running at once across all sessions (protects the upstream); 0 = no limit.
+    max_concurrent_turns: int = 256
+    #: How long an Idempotency-Key keeps answering with its first result.
+    idempotency_ttl_s: float = 86400.0
     queue_keepalive_s: float = 15.0
     log_level: str = "info"
     agents: dict[str, AgentConfig] = field(default_factory=dict)
@@ -186,8 +195,12 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"agent {agent.name}: memory_scope must be one of {MEMORY_SCOPES}")
         if agent.context_tokens < 256:
             raise ConfigError(f"agent {agent.name}: context_tokens must be at least 256")
-        if agent.max_queue_depth < 0 or agent.max_queue_wait_s <= 0:
-            raise ConfigError(f"agent {agent.name}: queue limits must be positive")
+        if agent.max_queue_depth < 0 or agent.max_queue_wait_s <= 0 or agent.max_turn_s <= 0:
+            raise ConfigError(f"agent {agent.name}: queue and turn limits must be positive")
+        if agent.on_disconnect not in ON_DISCONNECT:
+            raise ConfigError(f"agent {agent.name}: on_disconnect must be one of {ON_DISCONNECT}")
+    if settings.max_concurrent_turns < 0:
+        raise ConfigError("max_concurrent_turns must be 0 (no limit) or more")
 
 
 def _is_loopback(host: str) -> bool:
@@ -198,7 +211,3 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-
-def with_agent(settings: Settings, agent: AgentConfig) -> Settings:
-    """A copy of settings with one agent replaced (used by tests and the bench)."""
-    return replace(settings, agents={**settings.agents, agent.name: agent})

@@ -14,6 +14,7 @@ only place they become OpenAI-shaped responses.
     ├── TurnInterrupted (409 turn_interrupted)
     ├── UpstreamError (502 upstream_error)
     │   └── UpstreamTimeout (504 upstream_timeout)
+    │       └── TurnTimeout (504 turn_timeout)
     └── Unavailable (503 service_unavailable)
 """
 
@@ -114,6 +115,10 @@ class UpstreamError(LanewayError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class TurnTimeout(UpstreamTimeout):
+    code = "turn_timeout"
 
 
 class Unavailable(LanewayError):

@@ -32,6 +32,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.queue_depth = Gauge(
+            "laneway_queue_depth", "Requests waiting for a lane", registry=self.registry
+        )
         self.active_lanes = Gauge(
             "laneway_active_lanes", "Lanes with a running or waiting turn", registry=self.registry
         )

@@ -3,40 +3,51 @@
     lane (taken before the session's identity is resolved)
       → session → agent loop → fenced commit → reply
 
-Each turn runs in its own task, detached from the HTTP request, so a client that goes away
-after its turn started cannot cut the turn short: it finishes, is saved, and its result can
-be read afterwards. A client that goes away while queued abandons the turn, which leaves
-the queue without having touched the session.
+`submit` decides, at a request's arrival, which turn it follows: an earlier one (an
+idempotent repeat, or a `collect` batch still waiting) or a new one that joins the lane by
+the request's policy. Each turn runs in its own task, detached from the HTTP request, so a
+client that goes away cannot cut a running turn in half (unless the agent says
+`on_disconnect = "cancel"`, which interrupts it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from laneway.agent.loop import AgentLoop, TurnInput, TurnOutput
 from laneway.agent.tools import ToolContext
-from laneway.config import AgentConfig
-from laneway.errors import LanewayError, Unavailable
-from laneway.lanes.base import LaneBackend, Ticket
-from laneway.metrics import Metrics
-from laneway.store.base import (
-    Memory,
-    MemoryScope,
-    SessionRef,
-    SessionState,
-    StaleFence,
-    Store,
-    TurnRecord,
+from laneway.config import AgentConfig, Settings
+from laneway.errors import (
+    LanewayError,
+    QueueFull,
+    QueueTimeout,
+    SessionBusy,
+    TurnInterrupted,
+    TurnTimeout,
+    Unavailable,
 )
+from laneway.lanes.base import LaneBackend
+from laneway.metrics import Metrics
+from laneway.store.base import Memory, MemoryScope, SessionRef, SessionState, StaleFence, Store
+from laneway.store.base import TurnRecord
+from laneway.turn import Turn
 from laneway.upstream.base import Upstream
 
 logger = logging.getLogger(__name__)
+
+#: A retried SDK request (x-stainless-retry-count > 0) repeats the body of its first
+#: attempt; within this window it follows that attempt's turn instead of running again.
+RETRY_WINDOW_S = 600.0
+_KEEP_FINISHED = 10_000
 
 
 @dataclass(slots=True)
@@ -52,6 +63,9 @@ class ChatRequest:
     include_usage: bool = False
     idempotency_key: str | None = None
     policy: str = "enqueue"
+    #: Hash of the body when an SDK sends x-stainless-retry-count, and whether this is a retry.
+    fingerprint: str | None = None
+    is_retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +76,7 @@ class TurnSummary:
     tenant: str
     agent: str
     session_key: str
-    outcome: str  # ok | error | abandoned | ...
+    outcome: str
     created: float
     queue_wait_ms: float
     duration_ms: float
@@ -77,134 +91,250 @@ def new_session_key() -> str:
     return "sess_" + secrets.token_urlsafe(16)
 
 
-class Turn:
-    """One request's turn as the HTTP layer follows it: queued, running, done."""
-
-    __slots__ = (
-        "id",
-        "completion_id",
-        "ref",
-        "model",
-        "ticket",
-        "created",
-        "started",
-        "queue_wait_ms",
-        "events",
-        "result",
-        "task",
-    )
-
-    def __init__(self, ref: SessionRef, model: str, ticket: Ticket, stream: bool) -> None:
-        token = secrets.token_hex(12)
-        self.id = "turn_" + token
-        self.completion_id = "chatcmpl-" + token
-        self.ref = ref
-        self.model = model
-        self.ticket = ticket
-        self.created = time.time()
-        self.started = False
-        self.queue_wait_ms = 0.0
-        #: Streaming turns only: ("start", None), ("delta", str), ("tool_calls", list),
-        #: then ("done", body) or ("error", LanewayError).
-        self.events: asyncio.Queue[tuple[str, Any]] | None = asyncio.Queue() if stream else None
-        self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[None] | None = None
-
-    def emit(self, kind: str, value: Any) -> None:
-        if self.events is not None:
-            self.events.put_nowait((kind, value))
-
-    def finish(self, body: dict[str, Any]) -> None:
-        self.result.set_result(body)
-        self.emit("done", body)
-
-    def fail(self, error: LanewayError) -> None:
-        self.result.set_exception(error)
-        self.emit("error", error)
-
-    def abandon(self) -> bool:
-        """The client went away: leave the queue if still waiting. True if abandoned."""
-        if self.started or self.task is None:
-            return False
-        self.task.cancel()
-        return True
+def fingerprint(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
 class TurnService:
     def __init__(
         self,
+        settings: Settings,
         store: Store,
         lanes: LaneBackend,
         upstreams: dict[str, Upstream],
         metrics: Metrics,
     ) -> None:
+        self.settings = settings
         self.store = store
         self.lanes = lanes
         self.upstreams = upstreams
         self.metrics = metrics
-        self._running: set[asyncio.Task[None]] = set()
-        #: The last turns, newest last, for live views (`/v1/lanes`, the web page).
+        #: Queued and running turns, then the last finished ones (for rejoin and repeats).
+        self._live: dict[str, Turn] = {}
+        self._finished: OrderedDict[str, Turn] = OrderedDict()
+        #: Idempotency names → (expiry, turn or a future of it while it is being decided).
+        self._repeats: OrderedDict[str, tuple[float, Turn | asyncio.Future[Turn | None]]] = (
+            OrderedDict()
+        )
+        #: Lane key → the `collect` turn still waiting there, open to more requests.
+        self._batches: dict[str, Turn] = {}
+        #: Turn id → its input (a `collect` batch grows it until the turn starts).
+        self._inputs: dict[str, TurnInput] = {}
+        limit = settings.max_concurrent_turns
+        self._admission = asyncio.Semaphore(limit) if limit else None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.recent: deque[TurnSummary] = deque(maxlen=2000)
 
+    # -- arrival -------------------------------------------------------------------------
+
     async def submit(self, req: ChatRequest) -> Turn:
-        """Take a place in the session's lane and start the turn. Raises at once when the
-        lane cannot take it (queue full)."""
+        """The turn this request follows, joining or starting one. Raises at once when the
+        lane cannot take it (busy under `reject`, queue full)."""
         ref = SessionRef(req.tenant, req.agent.name, req.session_key or new_session_key())
-        ticket = await self.lanes.enter(lane_key(ref), max_waiting=req.agent.max_queue_depth)
-        turn = Turn(ref, req.model, ticket, req.stream)
-        task = asyncio.create_task(self._run(turn, req))
-        turn.task = task
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        key = lane_key(ref)
+        names = self._repeat_names(req, key)
+        for name in names:
+            earlier = await self._earlier(name, ref, req)
+            if earlier is not None:
+                earlier.requests += 1
+                self.metrics.turns.labels("deduplicated").inc()
+                return earlier
+        claim: asyncio.Future[Turn | None] = asyncio.get_running_loop().create_future()
+        expiry = time.monotonic() + self.settings.idempotency_ttl_s
+        for name in names:
+            self._repeats[name] = (expiry, claim)
+        try:
+            turn = await self._join(req, ref, key)
+        except BaseException:
+            for name in names:
+                self._repeats.pop(name, None)
+            claim.set_result(None)
+            raise
+        for name in names:
+            self._repeats[name] = (expiry, turn)
+        claim.set_result(turn)
         return turn
 
-    async def _run(self, turn: Turn, req: ChatRequest) -> None:
+    async def _join(self, req: ChatRequest, ref: SessionRef, key: str) -> Turn:
+        batch = self._batches.get(key)
+        if req.policy == "collect" and batch is not None and await self._can_join(batch, req):
+            batch_input = self._inputs[batch.id]
+            batch_input.new_input.extend(req.turn.new_input)
+            batch_input.systems.extend(s for s in req.turn.systems if s not in batch_input.systems)
+            batch.requests += 1
+            batch.streamed = batch.streamed or req.stream
+            self.metrics.turns.labels("collected").inc()
+            return batch
+        turn = Turn(ref, req.model, req.stream)
+        max_waiting = 0 if req.policy == "reject" else req.agent.max_queue_depth
+        try:
+            ticket = await self.lanes.enter(key, max_waiting=max_waiting, owner=turn.id)
+        except SessionBusy:
+            self.metrics.turns.labels("rejected").inc()
+            raise
+        except QueueFull:
+            self.metrics.turns.labels("queue_full").inc()
+            raise
+        turn.ticket = ticket
+        turn.arrival_position = ticket.arrival_position
+        if req.policy == "interrupt" and ticket.arrival_position:
+            await self.lanes.interrupt(key)
+        if req.policy == "collect" and ticket.arrival_position:
+            self._batches[key] = turn
+        self._inputs[turn.id] = req.turn
+        self._live[turn.id] = turn
+        task = asyncio.create_task(self._run(turn, req, key))
+        turn.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return turn
+
+    async def _can_join(self, batch: Turn, req: ChatRequest) -> bool:
+        """A batch takes only plain user input, and only while it is still the last in its
+        lane's queue: joining must not overtake a request that arrived in between."""
+        if batch.started or any(m["role"] != "user" for m in req.turn.new_input):
+            return False
+        assert batch.ticket is not None
+        info = await self.lanes.info(batch.ticket.key)
+        return info is not None and await batch.ticket.position() == info.waiting
+
+    def _repeat_names(self, req: ChatRequest, key: str) -> list[str]:
+        names = []
+        if req.idempotency_key:
+            names.append(f"{key}\x00key\x00{req.idempotency_key}")
+        if req.fingerprint:
+            scope = key if req.session_key else f"{req.tenant}/{req.agent.name}/*"
+            names.append(f"{scope}\x00retry\x00{req.fingerprint}")
+        return names
+
+    async def _earlier(self, name: str, ref: SessionRef, req: ChatRequest) -> Turn | None:
+        """The turn an earlier request with this idempotency name started, unless it failed
+        (a failed request changed nothing: its repeat runs anew)."""
+        now = time.monotonic()
+        while self._repeats and next(iter(self._repeats.values()))[0] < now:
+            self._repeats.popitem(last=False)
+        entry = self._repeats.get(name)
+        found: Turn | None = None
+        if entry is not None:
+            found = await entry[1] if isinstance(entry[1], asyncio.Future) else entry[1]
+        elif "\x00retry\x00" in name and not req.is_retry:
+            return None
+        elif req.idempotency_key and "\x00key\x00" in name and req.session_key:
+            since = time.time() - self.settings.idempotency_ttl_s
+            stored = await self.store.idempotent_turn(ref, req.idempotency_key, since)
+            if stored is not None:
+                found = Turn(ref, req.model, streamed=False)
+                found.id = stored[0]
+                found.started = True
+                found.finish(stored[1], "completed")
+        if found is None or found.result.cancelled():
+            return None
+        if found.result.done() and found.result.exception() is not None:
+            return None
+        return found
+
+    # -- the turn ------------------------------------------------------------------------
+
+    async def _run(self, turn: Turn, req: ChatRequest, key: str) -> None:
         agent = req.agent
+        ticket = turn.ticket
+        assert ticket is not None
         outcome = "error"
         started_at = 0.0
+        timer: asyncio.TimerHandle | None = None
         try:
-            await turn.ticket.granted(agent.max_queue_wait_s)
-            turn.started = True
+            await ticket.granted(agent.max_queue_wait_s)
             started_at = time.time()
+            turn.started = True
+            turn.status = "running"
+            if self._batches.get(key) is turn:
+                del self._batches[key]
             turn.queue_wait_ms = (started_at - turn.created) * 1000
             self.metrics.queue_wait.observe(turn.queue_wait_ms / 1000)
-            turn.emit("start", None)
-            state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
-            tools = self._tool_context(state, agent, turn.ticket)
-            memories = await self._recall(tools.scope, req, agent)
-            loop = AgentLoop(agent, self.upstreams[agent.name])
-            upstream_started = time.perf_counter()
-            output = await loop.run(
-                state, req.turn, memories, tools, turn.emit if req.stream else None
+            ticket.on_interrupt = lambda: turn.interrupt("interrupt")
+            timer = asyncio.get_running_loop().call_later(
+                agent.max_turn_s, turn.interrupt, "timeout"
             )
-            self.metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
-            body = self._completion(turn, output)
-            await self._commit(turn, req, state, output, tools, body, started_at)
-            outcome = "ok"
-            turn.finish(body)
+            turn.emit("start", None)
+            outcome = await self._execute(turn, req, started_at)
         except asyncio.CancelledError:
             outcome = "abandoned"
             if not turn.result.done():
                 turn.result.cancel()
             raise
+        except QueueTimeout as e:
+            outcome = "queue_timeout"
+            turn.fail(e)
+        except TurnInterrupted as e:
+            outcome = "interrupted"
+            turn.fail(e, "interrupted")
+        except TurnTimeout as e:
+            outcome = "timeout"
+            turn.fail(e)
         except LanewayError as e:
             turn.fail(e)
         except Exception as e:
             logger.exception("turn %s failed", turn.id)
             turn.fail(LanewayError(f"internal error: {type(e).__name__}"))
         finally:
-            await turn.ticket.release()
-            self.metrics.turns.labels(outcome).inc()
-            duration_ms = (time.time() - started_at) * 1000 if turn.started else 0.0
-            if turn.started:
-                self.metrics.turn_seconds.observe(duration_ms / 1000)
-            ref = turn.ref
-            self.recent.append(
-                TurnSummary(turn.id, ref.tenant, ref.agent, ref.key, outcome, turn.created,
-                            turn.queue_wait_ms, duration_ms)
-            )
+            if timer is not None:
+                timer.cancel()
+            if self._batches.get(key) is turn:
+                del self._batches[key]
+            await ticket.release()
+            self._retire(turn, outcome, started_at)
 
-    def _tool_context(self, state: SessionState, agent: AgentConfig, ticket: Ticket) -> ToolContext:
+    async def _execute(self, turn: Turn, req: ChatRequest, started_at: float) -> str:
+        """Session → agent loop → fenced commit. Returns the outcome for the metrics."""
+        agent = req.agent
+        assert turn.ticket is not None
+        inp = self._inputs[turn.id]
+        state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
+        tools = self._tool_context(state, agent, turn.ticket.key)
+        memories = await self._recall(tools.scope, inp, agent)
+        loop = AgentLoop(agent, self.upstreams[agent.name], state, inp)
+        upstream_started = time.perf_counter()
+        try:
+            if turn.interrupt_reason is not None:  # asked to stop before the model ran
+                raise asyncio.CancelledError
+            async with self._admitted():
+                turn.interruptible = True
+                output = await loop.run(memories, tools, turn.emit if turn.streamed else None)
+        except asyncio.CancelledError:
+            turn.interruptible = False
+            reason = turn.interrupt_reason
+            if reason is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                current.uncancel()
+            if reason == "timeout":
+                raise TurnTimeout(f"the turn ran past {agent.max_turn_s:g}s") from None
+            await self._commit(turn, req, state, loop.salvage(), tools, None, None, started_at,
+                               "interrupted")
+            raise TurnInterrupted(
+                "this turn was interrupted by a newer request for the session; its input "
+                "and partial reply were saved" if reason == "interrupt" else
+                "this turn was stopped when its client disconnected"
+            ) from None
+        turn.interruptible = False
+        self.metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
+        body = self._completion(turn, output)
+        await self._commit(turn, req, state, output.messages, tools, body, output.usage,
+                           started_at, output.status)
+        turn.finish(body, output.status)
+        return "ok"
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """A place among the turns that may call the model at once (FIFO across keys)."""
+        if self._admission is None:
+            yield
+            return
+        async with self._admission:
+            yield
+
+    def _tool_context(self, state: SessionState, agent: AgentConfig, key: str) -> ToolContext:
         ref = state.ref
         if agent.memory_scope == "agent":
             scope: MemoryScope | None = MemoryScope(ref.tenant, ref.agent, None)
@@ -214,23 +344,19 @@ class TurnService:
             scope = None
 
         async def queue_depth() -> int:
-            info = await self.lanes.info(ticket.key)
+            info = await self.lanes.info(key)
             return 0 if info is None else info.waiting
 
         return ToolContext(self.store, scope, state, queue_depth)
 
     async def _recall(
-        self, scope: MemoryScope | None, req: ChatRequest, agent: AgentConfig
+        self, scope: MemoryScope | None, inp: TurnInput, agent: AgentConfig
     ) -> list[Memory]:
         """Pinned memories, then those matching the new input: recall must not depend on
         the model thinking of calling memory_search."""
         if scope is None or agent.recall_limit <= 0:
             return []
-        query = " ".join(
-            m["content"] if isinstance(m["content"], str) else _text(m["content"])
-            for m in req.turn.new_input
-            if m["role"] == "user"
-        )
+        query = " ".join(_text(m["content"]) for m in inp.new_input if m["role"] == "user")
         pinned = await self.store.pinned_memories(scope, agent.recall_limit)
         found = await self.store.search_memories(scope, query, agent.recall_limit)
         seen = {m.id for m in pinned}
@@ -241,22 +367,25 @@ class TurnService:
         turn: Turn,
         req: ChatRequest,
         state: SessionState,
-        output: TurnOutput,
+        messages: list[dict[str, Any]],
         tools: ToolContext,
-        body: dict[str, Any],
+        body: dict[str, Any] | None,
+        usage: dict[str, int] | None,
         started_at: float,
+        status: str,
     ) -> None:
+        assert turn.ticket is not None
         record = TurnRecord(
             id=turn.id,
-            status=output.status,
+            status=status,
             created_at=turn.created,
             started_at=started_at,
             finished_at=time.time(),
             queue_wait_ms=turn.queue_wait_ms,
-            messages=output.messages,
+            messages=messages,
             memories=tools.saved,
             response=body,
-            usage=output.usage,
+            usage=usage,
             idempotency_key=req.idempotency_key,
             memory_scope=req.agent.memory_scope,
         )
@@ -282,16 +411,40 @@ class TurnService:
             "usage": output.usage,
         }
 
+    def _retire(self, turn: Turn, outcome: str, started_at: float) -> None:
+        self._live.pop(turn.id, None)
+        self._inputs.pop(turn.id, None)
+        self._finished[turn.id] = turn
+        while len(self._finished) > _KEEP_FINISHED:
+            self._finished.popitem(last=False)
+        self.metrics.turns.labels(outcome).inc()
+        duration_ms = (time.time() - started_at) * 1000 if turn.started else 0.0
+        if turn.started:
+            self.metrics.turn_seconds.observe(duration_ms / 1000)
+        ref = turn.ref
+        self.recent.append(
+            TurnSummary(turn.id, ref.tenant, ref.agent, ref.key, outcome, turn.created,
+                        turn.queue_wait_ms, duration_ms)
+        )
+
+    # -- reading turns -------------------------------------------------------------------
+
+    def turn(self, turn_id: str) -> Turn | None:
+        """A queued, running or recently finished turn of this process."""
+        return self._live.get(turn_id) or self._finished.get(turn_id)
+
     async def close(self, grace_s: float = 10.0) -> None:
         """Let running turns finish (and be saved); queued ones are abandoned."""
-        if not self._running:
+        if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._running), timeout=grace_s)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
 
 
-def _text(parts: Any) -> str:
-    return " ".join(p.get("text", "") for p in parts if isinstance(p, dict))
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -48,6 +48,24 @@ def pending_tool_calls(tail: Sequence[StoredMessage]) -> dict[str, int]:
     return {}
 
 
+def close_open_calls(messages: Sequence[Message], result: str) -> list[Message]:
+    """Tool results for the calls of the last assistant message that have none."""
+    answered: set[str] = set()
+    for message in reversed(messages):
+        role = message.get("role")
+        if role == "tool":
+            answered.add(message["tool_call_id"])
+        elif role == "assistant":
+            return [
+                {"role": "tool", "tool_call_id": c["id"], "content": result}
+                for c in message.get("tool_calls") or ()
+                if c["id"] not in answered
+            ]
+        else:
+            return []
+    return []
+
+
 def merge_input(pending: dict[str, int], new_input: Sequence[Message]) -> list[Message]:
     """The new input as it enters the transcript: the client's tool results first, a
     synthetic result for each pending call it did not answer, then its other messages."""

@@ -22,6 +22,7 @@ from laneway.upstream.base import Upstream
 Emit = Callable[[str, Any], None]
 
 UNKNOWN_TOOL = "error: no tool of that name is available"
+INTERRUPTED_TOOL = "The turn was interrupted before this tool call returned."
 
 
 @dataclass(slots=True)
@@ -43,21 +44,37 @@ class TurnOutput:
 
 
 class AgentLoop:
-    def __init__(self, agent: AgentConfig, upstream: Upstream) -> None:
+    def __init__(
+        self, agent: AgentConfig, upstream: Upstream, state: SessionState, inp: TurnInput
+    ) -> None:
+        """Check the new input against the session (tool results must answer its open
+        calls; abandoned calls get a synthetic result): `BadRequest` before any model call."""
         self.agent = agent
         self.upstream = upstream
+        self.state = state
+        self.inp = inp
+        self.pending = context.pending_tool_calls(state.tail)
+        #: The turn's transcript so far and the reply being streamed: what an
+        #: interrupted turn keeps (see `salvage`).
+        self.messages: list[Message] = context.merge_input(self.pending, inp.new_input)
+        self.partial: list[str] = []
+
+    def salvage(self) -> list[Message]:
+        """What an interrupted turn keeps: its input, the rounds it finished, the partial
+        reply (marked), and a result for every tool call it left open, so the next model
+        call still sees a valid conversation."""
+        messages = list(self.messages)
+        if self.partial:
+            messages.append(
+                {"role": "assistant", "content": "".join(self.partial), "interrupted": True}
+            )
+        return [*messages, *context.close_open_calls(messages, INTERRUPTED_TOOL)]
 
     async def run(
-        self,
-        state: SessionState,
-        inp: TurnInput,
-        memories: list[Memory],
-        tools: ToolContext,
-        emit: Emit | None = None,
+        self, memories: list[Memory], tools: ToolContext, emit: Emit | None = None
     ) -> TurnOutput:
-        agent = self.agent
-        pending = context.pending_tool_calls(state.tail)
-        turn = context.merge_input(pending, inp.new_input)
+        agent, state, inp, pending = self.agent, self.state, self.inp, self.pending
+        turn = self.messages
         head = [context.instructions(agent.system_prompt, inp.systems)]
         recalled = context.memory_context(memories)
         if recalled is not None:
@@ -89,10 +106,12 @@ class AgentLoop:
                     body["tool_choice"] = "none"
                 elif iteration == 0 and inp.tool_choice is not None:
                     body["tool_choice"] = inp.tool_choice
+            self.partial = []
             if emit is None:
                 assistant, finish, used = await self._complete(body)
             else:
                 assistant, finish, used = await self._stream(body, emit)
+            self.partial = []
             for name in usage:
                 usage[name] += used.get(name, 0)
             calls = assistant.get("tool_calls")
@@ -131,7 +150,7 @@ class AgentLoop:
         return assistant, choice.get("finish_reason") or "stop", usage
 
     async def _stream(self, body: dict[str, Any], emit: Emit) -> tuple[Message, str, dict[str, int]]:
-        parts: list[str] = []
+        parts = self.partial
         calls: dict[int, dict[str, Any]] = {}
         finish = "stop"
         usage: dict[str, int] | None = None

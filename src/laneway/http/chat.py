@@ -18,14 +18,14 @@ from laneway.agent.loop import TurnInput
 from laneway.agent.tools import BUILTIN_NAMES
 from laneway.config import Settings
 from laneway.errors import BadRequest, ModelNotFound
-from laneway.service import ChatRequest
+from laneway.service import ChatRequest, fingerprint
 
 SESSION_HEADERS = ("x-laneway-session-key", "x-openclaw-session-key")
 _SESSION_KEY = re.compile(r"[\x21-\x2e\x30-\x7e]{1,256}")  # printable ASCII but "/"
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
-_POLICIES = frozenset({"enqueue"})
+_POLICIES = frozenset({"enqueue", "reject", "interrupt", "collect"})
 #: Passed to the model as given, after a type check: (types, low, high).
 _NUMBERS: dict[str, tuple[tuple[type, ...], float, float]] = {
     "temperature": ((int, float), 0, 2),
@@ -59,6 +59,7 @@ def parse_chat(
         raise BadRequest("`messages` must be a non-empty array", param="messages")
     systems, new_input = _split(messages)
     tools = _tools(data.get("tools"))
+    retries = headers.get("x-stainless-retry-count")
     return ChatRequest(
         agent=agent,
         model=model,
@@ -75,6 +76,8 @@ def parse_chat(
         include_usage=_include_usage(data),
         idempotency_key=_idempotency_key(headers),
         policy=_policy(headers, agent.lane_policy),
+        fingerprint=fingerprint(body) if retries is not None else None,
+        is_retry=retries not in (None, "0"),
     )
 
 
@@ -245,6 +248,14 @@ def _include_usage(data: dict[str, Any]) -> bool:
 
 
 def _session_key(headers: Mapping[str, str]) -> str | None:
+    override = headers.get("x-laneway-session-override")
+    if override is not None:
+        if override != "isolated":
+            raise BadRequest(
+                "x-laneway-session-override must be 'isolated'",
+                param="x-laneway-session-override",
+            )
+        return None  # an explicitly new, separate session: the one way around a busy lane
     for name in SESSION_HEADERS:
         key = headers.get(name)
         if key is not None:

@@ -4,6 +4,7 @@ service, shape the reply. No session is looked up here before the lane is taken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -11,16 +12,23 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive
 
 from laneway.config import Settings
-from laneway.errors import BadRequest, ModelNotFound, NotFound, PayloadTooLarge, Unavailable
+from laneway.errors import (
+    BadRequest,
+    LanewayError,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from laneway.http.errors import error_response
 from laneway.http.auth import Auth, Caller
 from laneway.http.chat import parse_chat
 from laneway.http.sse import TurnStream, disconnected
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
-from laneway.service import Turn, TurnService, lane_key
+from laneway.service import TurnService, lane_key
 from laneway.store.base import MemoryScope, SessionRef, Store
 
 
@@ -75,14 +83,27 @@ class Api:
             "x-laneway-session-key": turn.ref.key,
             "x-laneway-turn-id": turn.id,
         }
-        if turn.ticket.arrival_position:
-            headers["x-laneway-queue-position"] = str(turn.ticket.arrival_position)
+        if turn.arrival_position:
+            headers["x-laneway-queue-position"] = str(turn.arrival_position)
+        on_disconnect = chat.agent.on_disconnect
         if chat.stream:
-            headers["x-laneway-queue-wait-ms"] = "0"
-            return TurnStream(turn, headers, chat.include_usage, self.settings.queue_keepalive_s)
-        result = await _result_unless_gone(turn, request.receive)
-        if result is None:
-            return Response(status_code=499)
+            headers["x-laneway-queue-wait-ms"] = f"{turn.queue_wait_ms:.1f}"
+            return TurnStream(
+                turn, headers, chat.include_usage, self.settings.queue_keepalive_s, on_disconnect
+            )
+        if not turn.result.done():
+            gone = asyncio.ensure_future(disconnected(request.receive))
+            try:
+                await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not turn.result.done():  # the client left: the turn goes on without it
+                turn.detach(on_disconnect)
+                return Response(status_code=499)
+        try:
+            result = turn.result.result()
+        except LanewayError as e:
+            return error_response(e, headers)
         headers["x-laneway-queue-wait-ms"] = f"{turn.queue_wait_ms:.1f}"
         return JSON(result, headers=headers)
 
@@ -188,11 +209,20 @@ class Api:
         return JSON({"object": "session.deleted", "key": ref.key, "deleted": True})
 
     async def get_turn(self, request: Request) -> Response:
+        """Rejoin: a turn's status and result; `?wait=S` waits up to S seconds for it."""
         ref = self._ref(request)
-        turn = await self.store.turn(ref, request.path_params["turn_id"])
-        if turn is None:
+        turn_id = request.path_params["turn_id"]
+        wait = _float_param(request.query_params.get("wait"), "wait", high=3600)
+        live = self.service.turn(turn_id)
+        if live is not None and live.ref == ref:
+            if wait and not live.result.done():
+                with contextlib.suppress(TimeoutError, LanewayError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(live.result), wait)
+            return JSON(live.view())
+        stored = await self.store.turn(ref, turn_id)
+        if stored is None:
             raise NotFound("no such turn in this session", code="turn_not_found")
-        return JSON({"object": "turn", **turn})
+        return JSON({"object": "turn", "session_key": ref.key, "agent": ref.agent, **stored})
 
     def _ref(self, request: Request) -> SessionRef:
         caller = self.auth.caller(request.headers)
@@ -219,8 +249,9 @@ class Api:
                     "agent": agent,
                     "tenant": tenant,
                     "running": info.running,
+                    "turn_id": info.holder,
+                    "turn_age_s": round(info.held_for_s, 3),
                     "queue_depth": info.waiting,
-                    "held_for_s": round(info.held_for_s, 3),
                 }
             )
         return JSON({"object": "list", "data": data})
@@ -233,7 +264,9 @@ class Api:
         return JSON({"status": "ok"})
 
     async def prometheus(self, request: Request) -> Response:
-        self.metrics.active_lanes.set(len(await self.lanes.busy()))
+        busy = await self.lanes.busy()
+        self.metrics.active_lanes.set(len(busy))
+        self.metrics.queue_depth.set(sum(info.waiting for info in busy))
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -251,27 +284,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _result_unless_gone(turn: Turn, receive: Receive) -> dict[str, Any] | None:
-    """The turn's result; None if the client left while the turn was still queued."""
-    if not turn.result.done():
-        gone = asyncio.ensure_future(disconnected(receive))
-        try:
-            await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not turn.result.done() and turn.abandon():
-            return None
-        if not turn.result.done():  # it had started: it runs to the end and is saved
-            return None
-    return turn.result.result()
-
-
 def _int_param(value: str | None, name: str, *, default: int, high: int) -> int:
     if value is None:
         return default
     if not value.isdigit() or not 1 <= int(value) <= high:
         raise BadRequest(f"`{name}` must be an integer from 1 to {high}", param=name)
     return int(value)
+
+
+def _float_param(value: str | None, name: str, *, high: float) -> float:
+    if value is None:
+        return 0.0
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= high:
+        raise BadRequest(f"`{name}` must be a number of seconds from 0 to {high:g}", param=name)
+    return number
 
 
 def _tenant(caller: Caller, asked: str | None) -> str | None:

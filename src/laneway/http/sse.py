@@ -9,6 +9,7 @@ only `data:` lines and comments, never `id:`, `event:` or `retry:` fields.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -16,21 +17,27 @@ from starlette.types import Receive, Scope, Send
 
 from laneway.errors import LanewayError
 from laneway.http.errors import error_response
-from laneway.service import Turn
+from laneway.turn import Event, Turn
 
 _DONE = b"data: [DONE]\n\n"
 
 
 class TurnStream:
-    """ASGI response for a streamed turn."""
+    """ASGI response for a request that follows `turn` as a stream."""
 
     def __init__(
-        self, turn: Turn, headers: dict[str, str], include_usage: bool, keepalive_s: float
+        self,
+        turn: Turn,
+        headers: dict[str, str],
+        include_usage: bool,
+        keepalive_s: float,
+        on_disconnect: str,
     ) -> None:
         self.turn = turn
         self.headers = headers
         self.include_usage = include_usage
         self.keepalive_s = keepalive_s
+        self.on_disconnect = on_disconnect
         self._base = {
             "id": turn.completion_id,
             "object": "chat.completion.chunk",
@@ -40,19 +47,23 @@ class TurnStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
-        assert turn.events is not None
-        if turn.ticket.arrival_position:
-            await self._start(send)
-            first = await self._wait_in_queue(receive, send)
-            if first is None:
-                return
-        else:
-            first = await _next_output(turn.events)
-            if first[0] == "error":
-                await error_response(first[1], self.headers)(scope, receive, send)
-                return
-            await self._start(send)
-        await self._body(send, first)
+        events = aiter(turn.events())
+        gone = asyncio.ensure_future(disconnected(receive))
+        try:
+            if turn.arrival_position and not turn.started:
+                await self._start(send)
+                first = await self._wait_in_queue(events, gone, send)
+            else:
+                first = await _first_output(events, gone)
+                if first is not None and first[0] == "error":
+                    await error_response(first[1], self.headers)(scope, receive, send)
+                    return
+                if first is not None:
+                    await self._start(send)
+            if first is None or not await self._body(events, first, gone, send):
+                turn.detach(self.on_disconnect)
+        finally:
+            gone.cancel()
 
     async def _start(self, send: Send) -> None:
         headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
@@ -63,16 +74,15 @@ class TurnStream:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
-    async def _wait_in_queue(self, receive: Receive, send: Send) -> tuple[str, Any] | None:
-        """Comments until the turn's first event. None if the client left, which abandons
-        the turn (it leaves the queue untouched)."""
-        turn = self.turn
-        assert turn.events is not None
-        first = asyncio.ensure_future(turn.events.get())
-        gone = asyncio.ensure_future(disconnected(receive))
+    async def _wait_in_queue(
+        self, events: AsyncIterator[Event], gone: asyncio.Future[None], send: Send
+    ) -> Event | None:
+        """Comments until the turn's first event; None if the client left meanwhile."""
+        assert self.turn.ticket is not None
+        first = asyncio.ensure_future(anext(events))
         try:
             while True:
-                position = await turn.ticket.position()
+                position = await self.turn.ticket.position()
                 await _write(send, b": queued position=%d\n\n" % position)
                 done, _ = await asyncio.wait(
                     {first, gone}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
@@ -80,39 +90,55 @@ class TurnStream:
                 if first in done:
                     return first.result()
                 if gone in done:
-                    turn.abandon()
                     return None
         finally:
-            gone.cancel()
             first.cancel()
 
-    async def _body(self, send: Send, event: tuple[str, Any]) -> None:
-        """Relay events until the turn ends; the role chunk goes before the first output."""
-        turn = self.turn
-        assert turn.events is not None
-        role_sent = False
+    async def _body(
+        self, events: AsyncIterator[Event], event: Event, gone: asyncio.Future[None], send: Send
+    ) -> bool:
+        """Relay events until the turn ends: True, or False if the client left first."""
+        role_sent = relayed = False
+        watch = self.on_disconnect == "cancel"  # notice a disconnect between events too
         while True:
             kind, value = event
             if kind == "error":
                 assert isinstance(value, LanewayError)
                 await _write(send, b"data: " + orjson.dumps(value.body()) + b"\n\n", more=False)
-                return
+                return True
             if kind != "start" and not role_sent:
                 role_sent = True
                 await _write(send, self._chunk({"role": "assistant", "content": ""}))
             if kind == "delta":
+                relayed = True
                 await _write(send, self._chunk({"content": value}))
             elif kind == "tool_calls":
-                calls = [{"index": i, **call} for i, call in enumerate(value)]
-                await _write(send, self._chunk({"tool_calls": calls}))
+                relayed = True
+                await _write(send, self._chunk({"tool_calls": _indexed(value)}))
             elif kind == "done":
-                await self._end(send, value)
-                return
-            event = await turn.events.get()
+                await self._end(send, value, whole=not relayed)
+                return True
+            if gone.done():
+                return False
+            if watch:
+                following = await _next(events, gone)
+                if following is None:
+                    return False
+                event = following
+            else:
+                event = await anext(events)
 
-    async def _end(self, send: Send, body: dict[str, Any]) -> None:
-        finish = body["choices"][0]["finish_reason"]
-        out = self._chunk({}, finish)
+    async def _end(self, send: Send, body: dict[str, Any], whole: bool) -> None:
+        """The last chunks; `whole` for a follower that saw no deltas (the turn was not
+        streamed): it gets the reply in one piece."""
+        choice = body["choices"][0]
+        out = b""
+        message = choice["message"]
+        if whole and message.get("content"):
+            out += self._chunk({"content": message["content"]})
+        if whole and message.get("tool_calls"):
+            out += self._chunk({"tool_calls": _indexed(message["tool_calls"])})
+        out += self._chunk({}, choice["finish_reason"])
         if self.include_usage:
             usage = {**self._base, "choices": [], "usage": body["usage"]}
             out += b"data: " + orjson.dumps(usage) + b"\n\n"
@@ -128,10 +154,26 @@ class TurnStream:
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-async def _next_output(events: asyncio.Queue[tuple[str, Any]]) -> tuple[str, Any]:
-    while (event := await events.get())[0] == "start":
-        pass
-    return event
+async def _first_output(events: AsyncIterator[Event], gone: asyncio.Future[None]) -> Event | None:
+    """The first event that is not "start"; None if the client left before it."""
+    while (event := await _next(events, gone)) is not None:
+        if event[0] != "start":
+            return event
+    return None
+
+
+async def _next(events: AsyncIterator[Event], gone: asyncio.Future[None]) -> Event | None:
+    """The next event, or None if the client leaves first."""
+    following = asyncio.ensure_future(anext(events))
+    done, _ = await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if following not in done:
+        following.cancel()
+        return None
+    return following.result()
+
+
+def _indexed(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
 async def _write(send: Send, data: bytes, more: bool = True) -> None:

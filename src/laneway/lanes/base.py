@@ -23,6 +23,7 @@ Guarantees, identical in every backend:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -34,6 +35,8 @@ class LaneInfo:
     running: bool
     waiting: int
     held_for_s: float
+    #: The running turn's id (what `enter` was given as `owner`).
+    holder: str | None = None
 
 
 class Ticket(Protocol):
@@ -42,6 +45,8 @@ class Ticket(Protocol):
     arrival_position: int
     #: Valid once granted: monotonic per key across grants.
     fence: int
+    #: Called (on the event loop) when another request asks the holder to stop.
+    on_interrupt: Callable[[], None] | None
 
     async def granted(self, timeout: float) -> None:
         """Wait until this ticket holds the lane; `QueueTimeout` after `timeout` seconds."""
@@ -54,9 +59,14 @@ class Ticket(Protocol):
 
 
 class LaneBackend(Protocol):
-    async def enter(self, key: str, *, max_waiting: int) -> Ticket:
+    async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> Ticket:
         """Join the key's queue. `QueueFull` if `max_waiting` tickets already wait, and
-        `SessionBusy` when `max_waiting` is 0 and the lane is busy."""
+        `SessionBusy` when `max_waiting` is 0 and the lane is busy. `owner` names the
+        ticket's turn in `LaneInfo.holder`."""
+
+    async def interrupt(self, key: str) -> bool:
+        """Ask the key's holder to stop (its `on_interrupt` runs, wherever it is).
+        False if the lane is idle."""
 
     async def info(self, key: str) -> LaneInfo | None:
         """The lane of `key`, or None when it is idle."""

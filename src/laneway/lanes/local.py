@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy
 from laneway.lanes.base import LaneInfo
@@ -24,12 +25,15 @@ class _Lane:
 
 
 class LocalTicket:
-    __slots__ = ("key", "arrival_position", "fence", "_lanes", "_lane", "_future", "_done")
+    __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "_lanes", "_lane",
+                 "_future", "_done")
 
-    def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int) -> None:
+    def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int, owner: str) -> None:
         self.key = key
         self.arrival_position = position
         self.fence = 0
+        self.owner = owner
+        self.on_interrupt: Callable[[], None] | None = None
         self._lanes = lanes
         self._lane = lane
         self._future: asyncio.Future[None] | None = None
@@ -74,12 +78,12 @@ class LocalLanes:
         self._lanes: dict[str, _Lane] = {}
         self._fence = time.time_ns() // 1000
 
-    async def enter(self, key: str, *, max_waiting: int) -> LocalTicket:
+    async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> LocalTicket:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
         if lane.holder is None and not lane.waiters:
-            ticket = LocalTicket(self, lane, key, 0)
+            ticket = LocalTicket(self, lane, key, 0, owner)
             self._grant(lane, ticket)
             return ticket
         if len(lane.waiters) >= max_waiting:
@@ -88,10 +92,19 @@ class LocalLanes:
             raise QueueFull(
                 f"{len(lane.waiters)} requests already wait for this session", retry_after=1.0
             )
-        ticket = LocalTicket(self, lane, key, len(lane.waiters) + 1)
+        ticket = LocalTicket(self, lane, key, len(lane.waiters) + 1, owner)
         ticket._future = asyncio.get_running_loop().create_future()
         lane.waiters.append(ticket)
         return ticket
+
+    async def interrupt(self, key: str) -> bool:
+        lane = self._lanes.get(key)
+        holder = lane.holder if lane is not None else None
+        if holder is None:
+            return False
+        if holder.on_interrupt is not None:
+            holder.on_interrupt()
+        return True
 
     async def info(self, key: str) -> LaneInfo | None:
         lane = self._lanes.get(key)
@@ -111,8 +124,10 @@ class LocalLanes:
         return len(self._lanes)
 
     def _info(self, key: str, lane: _Lane) -> LaneInfo:
-        held = time.monotonic() - lane.since if lane.holder is not None else 0.0
-        return LaneInfo(key, lane.holder is not None, len(lane.waiters), held)
+        holder = lane.holder
+        held = time.monotonic() - lane.since if holder is not None else 0.0
+        owner = holder.owner or None if holder is not None else None
+        return LaneInfo(key, holder is not None, len(lane.waiters), held, owner)
 
     def _grant(self, lane: _Lane, ticket: LocalTicket) -> None:
         self._fence += 1

@@ -126,6 +126,11 @@ class Store(Protocol):
 
     async def turn(self, ref: SessionRef, turn_id: str) -> dict[str, Any] | None: ...
 
+    async def idempotent_turn(
+        self, ref: SessionRef, key: str, since: float
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The turn that answered Idempotency-Key `key` after `since`: (id, response)."""
+
     async def list_sessions(
         self, tenant: str | None, agent: str | None, limit: int, cursor: str | None
     ) -> tuple[list[SessionSummary], str | None]: ...

@@ -149,7 +149,7 @@ class SqlStore:
         state.revision += 1
         state.turns += 1
         state.tail.extend(
-            StoredMessage(r["seq"], m, r["tokens"]) for r, m in zip(rows, turn.messages)
+            StoredMessage(r["seq"], _for_model(m), r["tokens"]) for r, m in zip(rows, turn.messages)
         )
         state.tail_tokens += sum(r["tokens"] for r in rows)
         state.next_seq += added
@@ -211,6 +211,17 @@ class SqlStore:
             record[name] = orjson.loads(record[name]) if record[name] else None
         return record
 
+    async def idempotent_turn(
+        self, ref: SessionRef, key: str, since: float
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The turn that answered Idempotency-Key `key` after `since`: (id, response)."""
+        params = {**_identity(ref), "idempotency_key": key, "since": since}
+        async with self.driver.connect() as conn:
+            rows = await conn.fetch(self.sql.idempotent_turn, params)
+        if not rows or rows[0][1] is None:
+            return None
+        return rows[0][0], orjson.loads(rows[0][1])
+
     async def list_sessions(
         self, tenant: str | None, agent: str | None, limit: int, cursor: str | None
     ) -> tuple[list[SessionSummary], str | None]:
@@ -242,7 +253,10 @@ class SqlStore:
         tokens = 0
         rows = await conn.fetch(self.sql.tail_first, {"sid": session_id, "limit": _TAIL_PAGE})
         while True:
-            tail[:0] = [StoredMessage(seq, orjson.loads(data), n) for seq, data, n in reversed(rows)]
+            tail[:0] = [
+                StoredMessage(seq, _for_model(orjson.loads(data)), n)
+                for seq, data, n in reversed(rows)
+            ]
             tokens += sum(r[2] for r in rows)
             if len(rows) < _TAIL_PAGE or tokens >= window_tokens:
                 return tail
@@ -292,6 +306,13 @@ def _trim(state: SessionState) -> None:
     if 0 < cut < len(tail):
         del tail[:cut]
         state.tail_tokens = tokens
+
+
+def _for_model(message: Message) -> Message:
+    """The message as the model may see it: without laneway's own marks."""
+    if "interrupted" in message:
+        return {k: v for k, v in message.items() if k != "interrupted"}
+    return message
 
 
 def _memories(rows: Any) -> list[Memory]:

@@ -122,6 +122,14 @@ class Statements:
             .join(_s, _s.c.id == _t.c.session_id)
             .where(_t.c.id == _p("turn_id"), *_IDENTITY)
         )
+        self.idempotent_turn = c(
+            select(_t.c.id, _t.c.response)
+            .join(_s, _s.c.id == _t.c.session_id)
+            .where(*_IDENTITY, _t.c.idempotency_key == _p("idempotency_key"),
+                   _t.c.created_at >= _p("since"))
+            .order_by(_t.c.created_at)
+            .limit(1)
+        )
         self.delete_session = c(delete(_s).where(*_IDENTITY))
         listing = select(*_SUMMARY).where(_s.c.id > _p("after")).order_by(_s.c.id)
         self.list_all = c(listing.limit(_p("limit")))

@@ -1,0 +1,157 @@
+"""A turn as the requests that wait on it see it: queued, running, then a result or an error.
+
+Several requests can follow one turn: the members of a `collect` batch, and repeats of an
+idempotent request. A streamed turn keeps its event log, so a follower that arrives late
+replays what it missed and then follows live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from laneway.errors import LanewayError
+from laneway.lanes.base import Ticket
+from laneway.store.base import SessionRef
+
+#: ("start", None), ("delta", str), ("tool_calls", list); then ("done", body) or ("error", err)
+Event = tuple[str, Any]
+TERMINAL = ("done", "error")
+
+
+class Turn:
+    __slots__ = (
+        "id",
+        "completion_id",
+        "ref",
+        "model",
+        "ticket",
+        "arrival_position",
+        "created",
+        "started",
+        "queue_wait_ms",
+        "status",
+        "streamed",
+        "requests",
+        "result",
+        "task",
+        "interrupt_reason",
+        "interruptible",
+        "_log",
+        "_next",
+    )
+
+    def __init__(self, ref: SessionRef, model: str, streamed: bool) -> None:
+        token = secrets.token_hex(12)
+        self.id = "turn_" + token
+        self.completion_id = "chatcmpl-" + token
+        self.ref = ref
+        self.model = model
+        #: The lane ticket, once the turn has joined its lane.
+        self.ticket: Ticket | None = None
+        self.arrival_position = 0
+        self.created = time.time()
+        self.started = False
+        self.queue_wait_ms = 0.0
+        self.status = "queued"
+        #: Whether the model's output is streamed (and logged for followers).
+        self.streamed = streamed
+        #: Requests waiting on this turn: its own, collected ones, idempotent repeats.
+        self.requests = 1
+        self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+        #: Why the running turn is being stopped: "interrupt", "disconnect" or "timeout".
+        self.interrupt_reason: str | None = None
+        #: True while stopping the turn is safe: the model is running, nothing is committing.
+        self.interruptible = False
+        self._log: list[Event] = []
+        self._next: asyncio.Future[None] | None = None
+
+    # -- producing ----------------------------------------------------------------------
+
+    def emit(self, kind: str, value: Any) -> None:
+        if not self.streamed:
+            return
+        self._log.append((kind, value))
+        if self._next is not None:
+            self._next.set_result(None)
+            self._next = None
+
+    def finish(self, body: dict[str, Any], status: str) -> None:
+        self.status = status
+        self.result.set_result(body)
+        self.emit("done", body)
+
+    def fail(self, error: LanewayError, status: str = "failed") -> None:
+        self.status = status
+        self.result.set_exception(error)
+        self.result.exception()  # retrieved: followers may be gone; nothing to warn about
+        self.emit("error", error)
+
+    # -- following ----------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event from the first, then live ones, until the terminal event."""
+        if not self.streamed:  # followed as a stream, produced without one: replay the end
+            try:
+                yield ("done", await asyncio.shield(self.result))
+            except LanewayError as e:
+                yield ("error", e)
+            return
+        i = 0
+        while True:
+            while i < len(self._log):
+                event = self._log[i]
+                i += 1
+                yield event
+                if event[0] in TERMINAL:
+                    return
+            if self._next is None:
+                self._next = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._next)
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the turn: at once if the model is running, else before it is called; a
+        turn already committing finishes normally. The turn then saves what it has."""
+        if self.interrupt_reason is not None or self.result.done():
+            return
+        self.interrupt_reason = reason
+        if self.interruptible and self.task is not None:
+            self.task.cancel()
+
+    def detach(self, on_disconnect: str) -> None:
+        """A request following this turn went away. The last one leaving a queued turn
+        takes it out of the queue; leaving a running one stops it only if the agent's
+        `on_disconnect` says "cancel"."""
+        self.requests -= 1
+        if self.requests > 0 or self.result.done() or self.task is None:
+            return
+        if not self.started:
+            self.task.cancel()
+        elif on_disconnect == "cancel":
+            self.interrupt("disconnect")
+
+    def view(self) -> dict[str, Any]:
+        """The turn as `GET /v1/sessions/{key}/turns/{id}` shows it."""
+        view: dict[str, Any] = {
+            "object": "turn",
+            "id": self.id,
+            "session_key": self.ref.key,
+            "agent": self.ref.agent,
+            "status": self.status,
+            "created_at": self.created,
+            "queue_wait_ms": self.queue_wait_ms if self.started else None,
+        }
+        if self.result.cancelled():
+            view["status"] = "abandoned"
+        elif self.result.done():
+            if self.result.exception() is not None:
+                error = self.result.exception()
+                assert isinstance(error, LanewayError)
+                view["error"] = error.body()["error"]
+            else:
+                view["response"] = self.result.result()
+        return view
