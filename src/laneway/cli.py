@@ -65,6 +65,12 @@ def serve(
     context_tokens: Annotated[
         int | None, _opt("context-tokens", "Context budget per turn (default 8192).")
     ] = None,
+    max_turn_s: Annotated[
+        float | None, _opt("max-turn-s", "A turn running longer is stopped (default 600).")
+    ] = None,
+    max_concurrent_turns: Annotated[
+        int | None, _opt("max-concurrent-turns", "Model calls at once, all keys (256; 0=∞).")
+    ] = None,
     queue_keepalive_s: Annotated[
         float | None, _opt("queue-keepalive-s", "Queued-stream comment interval (15).")
     ] = None,
@@ -90,6 +96,8 @@ def serve(
                 "upstream_timeout_s": upstream_timeout_s,
                 "max_body_bytes": max_body_bytes,
                 "context_tokens": context_tokens,
+                "max_turn_s": max_turn_s,
+                "max_concurrent_turns": max_concurrent_turns,
                 "queue_keepalive_s": queue_keepalive_s,
                 "log_level": log_level,
             }

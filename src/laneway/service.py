@@ -112,10 +112,9 @@ class TurnService:
         #: Queued and running turns, then the last finished ones (for rejoin and repeats).
         self._live: dict[str, Turn] = {}
         self._finished: OrderedDict[str, Turn] = OrderedDict()
-        #: Idempotency names → (expiry, turn or a future of it while it is being decided).
-        self._repeats: OrderedDict[str, tuple[float, Turn | asyncio.Future[Turn | None]]] = (
-            OrderedDict()
-        )
+        #: Idempotency keys and SDK-retry fingerprints → the turn they started.
+        self._keys = _Expiring(settings.idempotency_ttl_s)
+        self._retries = _Expiring(RETRY_WINDOW_S)
         #: Lane key → the `collect` turn still waiting there, open to more requests.
         self._batches: dict[str, Turn] = {}
         #: Turn id → its input (a `collect` batch grows it until the turn starts).
@@ -139,19 +138,19 @@ class TurnService:
                 earlier.requests += 1
                 self.metrics.turns.labels("deduplicated").inc()
                 return earlier
+        # Claim the names before anything awaits, so a concurrent repeat waits for this one.
         claim: asyncio.Future[Turn | None] = asyncio.get_running_loop().create_future()
-        expiry = time.monotonic() + self.settings.idempotency_ttl_s
         for name in names:
-            self._repeats[name] = (expiry, claim)
+            self._index(name)[name] = claim
         try:
             turn = await self._join(req, ref, key)
         except BaseException:
             for name in names:
-                self._repeats.pop(name, None)
+                self._index(name).pop(name)
             claim.set_result(None)
             raise
         for name in names:
-            self._repeats[name] = (expiry, turn)
+            self._index(name)[name] = turn
         claim.set_result(turn)
         return turn
 
@@ -210,15 +209,12 @@ class TurnService:
     async def _earlier(self, name: str, ref: SessionRef, req: ChatRequest) -> Turn | None:
         """The turn an earlier request with this idempotency name started, unless it failed
         (a failed request changed nothing: its repeat runs anew)."""
-        now = time.monotonic()
-        while self._repeats and next(iter(self._repeats.values()))[0] < now:
-            self._repeats.popitem(last=False)
-        entry = self._repeats.get(name)
+        if "\x00retry\x00" in name and not req.is_retry:
+            return None  # a first attempt: it registers its body for its own retries
+        entry = self._index(name).get(name)
         found: Turn | None = None
         if entry is not None:
-            found = await entry[1] if isinstance(entry[1], asyncio.Future) else entry[1]
-        elif "\x00retry\x00" in name and not req.is_retry:
-            return None
+            found = await entry if isinstance(entry, asyncio.Future) else entry
         elif req.idempotency_key and "\x00key\x00" in name and req.session_key:
             since = time.time() - self.settings.idempotency_ttl_s
             stored = await self.store.idempotent_turn(ref, req.idempotency_key, since)
@@ -232,6 +228,9 @@ class TurnService:
         if found.result.done() and found.result.exception() is not None:
             return None
         return found
+
+    def _index(self, name: str) -> _Expiring:
+        return self._retries if "\x00retry\x00" in name else self._keys
 
     # -- the turn ------------------------------------------------------------------------
 
@@ -433,6 +432,10 @@ class TurnService:
         """A queued, running or recently finished turn of this process."""
         return self._live.get(turn_id) or self._finished.get(turn_id)
 
+    def live(self, ref: SessionRef) -> list[Turn]:
+        """The session's queued and running turns in this process, oldest first."""
+        return [t for t in self._live.values() if t.ref == ref]
+
     async def close(self, grace_s: float = 10.0) -> None:
         """Let running turns finish (and be saved); queued ones are abandoned."""
         if not self._tasks:
@@ -442,6 +445,33 @@ class TurnService:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+
+
+class _Expiring:
+    """Names → a turn (or the future of one being decided), forgotten after `ttl_s` and
+    bounded in size: oldest first out."""
+
+    def __init__(self, ttl_s: float, limit: int = 100_000) -> None:
+        self._ttl = ttl_s
+        self._limit = limit
+        self._items: OrderedDict[str, tuple[float, Turn | asyncio.Future[Turn | None]]] = (
+            OrderedDict()
+        )
+
+    def get(self, name: str) -> Turn | asyncio.Future[Turn | None] | None:
+        now = time.monotonic()
+        items = self._items
+        while items and (len(items) > self._limit or next(iter(items.values()))[0] < now):
+            items.popitem(last=False)
+        entry = items.get(name)
+        return None if entry is None else entry[1]
+
+    def __setitem__(self, name: str, value: Turn | asyncio.Future[Turn | None]) -> None:
+        self._items.pop(name, None)
+        self._items[name] = (time.monotonic() + self._ttl, value)
+
+    def pop(self, name: str) -> None:
+        self._items.pop(name, None)
 
 
 def _text(content: Any) -> str:

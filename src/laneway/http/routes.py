@@ -66,6 +66,7 @@ class Api:
             Route("/v1/sessions", self.list_sessions, methods=["GET"]),
             Route("/v1/sessions/{key}", self.get_session, methods=["GET"]),
             Route("/v1/sessions/{key}", self.delete_session, methods=["DELETE"]),
+            Route("/v1/sessions/{key}/turns", self.list_turns, methods=["GET"]),
             Route("/v1/sessions/{key}/turns/{turn_id}", self.get_turn, methods=["GET"]),
             Route("/v1/lanes", self.list_lanes, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -207,6 +208,16 @@ class Api:
         if not deleted:
             raise NotFound(f"no session {ref.key!r}", code="session_not_found")
         return JSON({"object": "session.deleted", "key": ref.key, "deleted": True})
+
+    async def list_turns(self, request: Request) -> Response:
+        """The session's turns: saved ones, then those queued or running in this process."""
+        ref = self._ref(request)
+        limit = _int_param(request.query_params.get("limit"), "limit", default=100, high=1000)
+        stored = await self.store.turns(ref, limit)
+        known = {t["id"] for t in stored}
+        live = [t.view() for t in self.service.live(ref) if t.id not in known]
+        data = [{"object": "turn", **t} for t in stored] + live
+        return JSON({"object": "list", "data": data[-limit:]})
 
     async def get_turn(self, request: Request) -> Response:
         """Rejoin: a turn's status and result; `?wait=S` waits up to S seconds for it."""

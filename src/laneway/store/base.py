@@ -126,6 +126,9 @@ class Store(Protocol):
 
     async def turn(self, ref: SessionRef, turn_id: str) -> dict[str, Any] | None: ...
 
+    async def turns(self, ref: SessionRef, limit: int) -> list[dict[str, Any]]:
+        """The session's newest turns (without their responses), oldest first."""
+
     async def idempotent_turn(
         self, ref: SessionRef, key: str, since: float
     ) -> tuple[str, dict[str, Any]] | None:

@@ -211,6 +211,17 @@ class SqlStore:
             record[name] = orjson.loads(record[name]) if record[name] else None
         return record
 
+    async def turns(self, ref: SessionRef, limit: int) -> list[dict[str, Any]]:
+        """The session's newest turns (without their responses), oldest first."""
+        async with self.driver.connect() as conn:
+            rows = await conn.fetch(self.sql.turns, {**_identity(ref), "limit": limit})
+        names = ("id", "status", "created_at", "started_at", "finished_at", "queue_wait_ms",
+                 "usage", "idempotency_key")
+        records = [dict(zip(names, row)) for row in reversed(rows)]
+        for record in records:
+            record["usage"] = orjson.loads(record["usage"]) if record["usage"] else None
+        return records
+
     async def idempotent_turn(
         self, ref: SessionRef, key: str, since: float
     ) -> tuple[str, dict[str, Any]] | None:

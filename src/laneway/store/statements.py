@@ -122,6 +122,13 @@ class Statements:
             .join(_s, _s.c.id == _t.c.session_id)
             .where(_t.c.id == _p("turn_id"), *_IDENTITY)
         )
+        self.turns = c(
+            select(*(col for col in _t.columns if col.name not in ("session_id", "response")))
+            .join(_s, _s.c.id == _t.c.session_id)
+            .where(*_IDENTITY)
+            .order_by(_t.c.created_at.desc())
+            .limit(_p("limit"))
+        )
         self.idempotent_turn = c(
             select(_t.c.id, _t.c.response)
             .join(_s, _s.c.id == _t.c.session_id)
