@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from laneway import config
+from laneway import bench, cli_ops, config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -151,6 +151,8 @@ def _run(settings: config.Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=15,
     )
+
+
 
 
 def main() -> None:

@@ -208,7 +208,7 @@ class TurnService:
 
     async def _earlier(self, name: str, ref: SessionRef, req: ChatRequest) -> Turn | None:
         """The turn an earlier request with this idempotency name started, unless it failed
-        (a failed request changed nothing: its repeat runs anew)."""
+        without changing anything."""
         if "\x00retry\x00" in name and not req.is_retry:
             return None  # a first attempt: it registers its body for its own retries
         entry = self._index(name).get(name)
@@ -225,9 +225,10 @@ class TurnService:
                 found.finish(stored[1], "completed")
         if found is None or found.result.cancelled():
             return None
-        if found.result.done() and found.result.exception() is not None:
-            return None
-        return found
+        error = found.result.exception() if found.result.done() else None
+        if error is not None and not isinstance(error, TurnInterrupted):
+            return None  # it changed nothing: the repeat runs anew
+        return found  # an interrupted turn saved its input: the repeat gets the same error
 
     def _index(self, name: str) -> _Expiring:
         return self._retries if "\x00retry\x00" in name else self._keys
