@@ -37,7 +37,7 @@ async def store(db_url: str) -> AsyncIterator[SqlStore]:
     await s.close()
 
 
-def _turn(n: int, *texts: str, memories: list[tuple[str, bool]] | None = None) -> TurnRecord:
+def _turn(n: int | str, *texts: str, memories: list[tuple[str, bool]] | None = None) -> TurnRecord:
     now = time.time()
     messages = []
     for text in texts:
@@ -65,9 +65,10 @@ async def test_migrations_match_schema(store: SqlStore, db_url: str) -> None:
 async def test_commit_creates_then_appends(store: SqlStore) -> None:
     ref = SessionRef("t", "default", "k")
     state = await store.load(ref, fence=1, window_tokens=1000)
-    assert state.id is None and state.tail == []
+    assert state.revision == 0 and state.tail == []
+    assert await store.session_info(ref) is None, "a claimed, empty session is not shown"
     await store.commit(state, _turn(1, "one"), fence=1)
-    assert state.id is not None and state.turns == 1 and state.next_seq == 2
+    assert state.revision == 1 and state.turns == 1 and state.next_seq == 2
     again = await store.load(ref, fence=2, window_tokens=1000)
     await store.commit(again, _turn(2, "two"), fence=2)
     assert [m["content"] for m in await store.transcript(ref, 10)] == ["one", "re one", "two", "re two"]
@@ -79,25 +80,28 @@ async def test_commit_creates_then_appends(store: SqlStore) -> None:
 
 
 async def test_stale_fence_writes_nothing(db_url: str) -> None:
-    """Two stores on one database (as two replicas): the older lane grant cannot write."""
-    url = db_url
-    a, b = SqlStore(url, exclusive=False), SqlStore(url, exclusive=False)
+    """Two stores on one database (two replicas). A holder whose lease expired while it was
+    paused (the zombie) cannot write once a newer holder has claimed the session, even if
+    the newer one has not committed yet, and even for a brand-new session."""
+    a, b = SqlStore(db_url, exclusive=False), SqlStore(db_url, exclusive=False)
     await a.open()
     await b.open()
-    ref = SessionRef("t", "default", "k")
-    first = await a.load(ref, fence=10, window_tokens=1000)
-    await a.commit(first, _turn(1, "one"), fence=10)
-    zombie = await a.load(ref, fence=11, window_tokens=1000)
-    fresh = await b.load(ref, fence=12, window_tokens=1000)
-    await b.commit(fresh, _turn(2, "two"), fence=12)
-    with pytest.raises(StaleFence):
-        await a.commit(zombie, _turn(3, "zombie"), fence=11)
-    with pytest.raises(StaleFence):
-        await a.load(ref, fence=11, window_tokens=1000)
-    contents = [m["content"] for m in await b.transcript(ref, 10)]
-    assert contents == ["one", "re one", "two", "re two"]
-    reread = await a.load(ref, fence=13, window_tokens=1000)  # revision moved: cache refreshed
-    assert [m.message["content"] for m in reread.tail] == contents
+    for key in ("old", "new"):
+        ref = SessionRef("t", "default", key)
+        if key == "old":
+            first = await a.load(ref, fence=10, window_tokens=1000)
+            await a.commit(first, _turn(1, "one"), fence=10)
+        zombie = await a.load(ref, fence=11, window_tokens=1000)
+        fresh = await b.load(ref, fence=12, window_tokens=1000)  # claims before the zombie wakes
+        with pytest.raises(StaleFence):
+            await a.commit(zombie, _turn(f"z{key}", "zombie"), fence=11)
+        await b.commit(fresh, _turn(f"b{key}", "two"), fence=12)
+        with pytest.raises(StaleFence):
+            await a.load(ref, fence=11, window_tokens=1000)
+        contents = [m["content"] for m in await b.transcript(ref, 10)]
+        assert contents == (["one", "re one"] if key == "old" else []) + ["two", "re two"]
+        reread = await a.load(ref, fence=13, window_tokens=1000)  # revision moved: tail refreshed
+        assert [m.message["content"] for m in reread.tail] == contents
     await a.close()
     await b.close()
 

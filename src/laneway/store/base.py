@@ -36,8 +36,8 @@ class StoredMessage:
 class SessionState:
     """What a turn needs of its session: the transcript tail that can fit a context window.
 
-    `id` is None for a session not yet written; the first commit creates it, so a turn
-    that fails never leaves an empty session behind.
+    `revision` counts committed turns; a session at revision 0 has been claimed by a lane
+    holder but holds nothing yet, and readers treat it as absent.
     """
 
     ref: SessionRef
@@ -104,9 +104,10 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def load(self, ref: SessionRef, fence: int, window_tokens: int) -> SessionState:
-        """The session of `ref` as the holder of `fence` sees it, with at least the newest
-        `window_tokens` worth of transcript (whole messages). A new key gives an unsaved
-        state. Raises `StaleFence` if a newer holder has already claimed the session."""
+        """Claim the session of `ref` for the holder of `fence` (creating it at revision 0
+        if new) and return it with at least the newest `window_tokens` worth of transcript
+        (whole messages). From the claim on, commits with an older fence fail.
+        Raises `StaleFence` if a newer holder has already claimed the session."""
 
     async def commit(self, state: SessionState, turn: TurnRecord, fence: int) -> None:
         """Append the turn atomically and advance `state` to match. `StaleFence` (and

@@ -83,29 +83,31 @@ class SqlStore:
         if cached is not None and self.exclusive:
             self._cache.move_to_end(ref)
             return cached
-        async with self.driver.connect() as conn:
-            rows = await conn.fetch(self.sql.session_row, _identity(ref))
+        async with self.driver.transaction() as conn:
+            rows = await conn.fetch(
+                self.sql.claim_session, {**_identity(ref), "fence": fence, "now": time.time()}
+            )
             if not rows:
-                state = SessionState(ref=ref, created_at=time.time(), window_tokens=window_tokens)
+                raise StaleFence(f"session {ref.key} is held by a newer lane grant")
+            sid, revision, next_seq, turns, created_at = rows[0]
+            if cached is not None and cached.id == sid and cached.revision == revision:
+                state = cached
             else:
-                sid, revision, next_seq, turns, created_at, stored_fence = rows[0]
-                if stored_fence > fence:
-                    raise StaleFence(f"session {ref.key} is held by a newer lane grant")
-                if cached is not None and cached.revision == revision:
-                    state = cached
-                else:
-                    state = SessionState(ref, sid, revision, next_seq, turns, created_at,
-                                         window_tokens=window_tokens)
+                state = SessionState(ref, sid, revision, next_seq, turns, created_at,
+                                     window_tokens=window_tokens)
+                if revision:
                     state.tail = await self._tail(conn, sid, window_tokens)
                     state.tail_tokens = sum(m.tokens for m in state.tail)
         self._remember(state)
         return state
 
     async def commit(self, state: SessionState, turn: TurnRecord, fence: int) -> None:
+        assert state.id is not None, "commit a state that `load` returned"
         now = turn.finished_at
         added = len(turn.messages)
         rows = [
             {
+                "session_id": state.id,
                 "seq": state.next_seq + i,
                 "turn_id": turn.id,
                 "data": orjson.dumps(m).decode(),
@@ -115,28 +117,16 @@ class SqlStore:
         ]
         sql = self.sql
         async with self.driver.transaction() as conn:
-            if state.id is None:
-                created = await conn.fetch(
-                    sql.create_session,
-                    {**_identity(state.ref), "created_at": state.created_at, "now": now,
-                     "added": added, "fence": fence},
-                )
-                session_id = created[0][0]
-            else:
-                session_id = state.id
-                changed = await conn.execute(
-                    sql.advance_session,
-                    {"sid": session_id, "fence": fence, "now": now, "added": added},
-                )
-                if changed != 1:
-                    raise StaleFence(f"session {state.ref.key} was claimed by a newer lane grant")
-            await conn.execute(sql.insert_turn, _turn_row(turn, session_id))
+            changed = await conn.execute(
+                sql.advance_session, {"sid": state.id, "fence": fence, "now": now, "added": added}
+            )
+            if changed != 1:
+                raise StaleFence(f"session {state.ref.key} was claimed by a newer lane grant")
+            await conn.execute(sql.insert_turn, _turn_row(turn, state.id))
             if rows:
-                for row in rows:
-                    row["session_id"] = session_id
                 await conn.executemany(sql.insert_message, rows)
             if turn.memories:
-                owner = session_id if turn.memory_scope == "session" else None
+                owner = state.id if turn.memory_scope == "session" else None
                 await conn.executemany(
                     sql.insert_memory,
                     [
@@ -145,7 +135,6 @@ class SqlStore:
                         for text, pinned in turn.memories
                     ],
                 )
-        state.id = session_id
         state.revision += 1
         state.turns += 1
         state.tail.extend(

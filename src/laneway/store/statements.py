@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 
@@ -59,18 +61,20 @@ class Statements:
         def c(stmt: ClauseElement) -> Sql:
             return compile_sql(stmt, dialect)
 
-        self.session_row = c(
-            select(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at,
-                   _s.c.fence).where(*_IDENTITY)
-        )
         self.session_id = c(select(_s.c.id).where(*_IDENTITY))
-        self.create_session = c(
-            insert(_s)
-            .values(
-                tenant=_p("tenant"), agent=_p("agent"), key=_p("key"), created_at=_p("created_at"),
-                updated_at=_p("now"), revision=1, next_seq=_p("added"), turns=1, fence=_p("fence"),
-            )
-            .returning(_s.c.id)
+        upsert = (postgres_insert if dialect.name == "postgresql" else sqlite_insert)(_s).values(
+            tenant=_p("tenant"), agent=_p("agent"), key=_p("key"), created_at=_p("now"),
+            updated_at=_p("now"), revision=0, next_seq=0, turns=0, fence=_p("fence"),
+        )
+        # The lane holder claims the session row with its fence before reading it: from
+        # then on an older holder's commit fails. A new key gets a row at revision 0, which
+        # readers treat as absent until a turn is committed.
+        self.claim_session = c(
+            upsert.on_conflict_do_update(
+                index_elements=["tenant", "agent", "key"],
+                set_={"fence": upsert.excluded.fence},
+                where=_s.c.fence <= upsert.excluded.fence,
+            ).returning(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at)
         )
         self.advance_session = c(
             update(_s)
@@ -109,7 +113,7 @@ class Statements:
         self.memories_agent = c(in_agent.order_by(*newest).limit(_p("limit")))
         self.pinned_session = c(in_session.where(pinned).order_by(*newest).limit(_p("limit")))
         self.pinned_agent = c(in_agent.where(pinned).order_by(*newest).limit(_p("limit")))
-        self.summary = c(select(*_SUMMARY).where(*_IDENTITY))
+        self.summary = c(select(*_SUMMARY).where(*_IDENTITY, _s.c.revision > 0))
         self.transcript = c(
             select(_m.c.data)
             .join(_s, _s.c.id == _m.c.session_id)
@@ -138,7 +142,9 @@ class Statements:
             .limit(1)
         )
         self.delete_session = c(delete(_s).where(*_IDENTITY))
-        listing = select(*_SUMMARY).where(_s.c.id > _p("after")).order_by(_s.c.id)
+        listing = (
+            select(*_SUMMARY).where(_s.c.id > _p("after"), _s.c.revision > 0).order_by(_s.c.id)
+        )
         self.list_all = c(listing.limit(_p("limit")))
         self.list_tenant = c(listing.where(_s.c.tenant == _p("tenant")).limit(_p("limit")))
         self.list_agent = c(listing.where(_s.c.agent == _p("agent")).limit(_p("limit")))
