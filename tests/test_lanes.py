@@ -4,14 +4,50 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy
+from laneway.lanes import LaneBackend, open_lanes
 from laneway.lanes.local import LocalLanes
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.asynccontextmanager
+async def backend(kind: str) -> AsyncIterator[LaneBackend]:
+    """A fresh backend: in-process, or Redis under a random key prefix, removed after."""
+    if kind == "local":
+        lanes = LocalLanes()
+        yield lanes
+        await lanes.close()
+        return
+    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
+    lanes = await open_lanes(f"{REDIS}?prefix={prefix}", lease_s=2.0)
+    try:
+        yield lanes
+    finally:
+        await lanes.close()
+        client = redis.asyncio.Redis.from_url(REDIS)
+        names = [k async for k in client.scan_iter(match=prefix + "*")]
+        leftovers = [n for n in names if not n.endswith((b"seq", b"fence"))]
+        if names:
+            await client.delete(*names)
+        await client.aclose()
+        assert leftovers == [], f"lane state left in Redis: {leftovers}"
+
+
+async def _idle(lanes: LaneBackend) -> bool:
+    return not await lanes.busy()
 
 KEYS = ("a", "b", "c")
 
@@ -27,8 +63,8 @@ class Request:
 
 
 class World:
-    def __init__(self) -> None:
-        self.lanes = LocalLanes()
+    def __init__(self, lanes: LaneBackend) -> None:
+        self.lanes = lanes
         self.requests: list[Request] = []
         self.grants: dict[str, list[int]] = {k: [] for k in KEYS}
         self.fences: dict[str, list[int]] = {k: [] for k in KEYS}
@@ -82,13 +118,20 @@ ops = st.lists(
 )
 
 
-async def _settle() -> None:
+async def _settle(kind: str) -> None:
+    """Let grants reach their waiters: a few loop turns in-process, pub/sub for Redis."""
+    if kind == "redis":
+        await asyncio.sleep(0.02)
     for _ in range(5):
         await asyncio.sleep(0)
 
 
-async def _play(schedule: list[tuple[str, object, float]]) -> None:
-    world = World()
+async def _play(kind: str, schedule: list[tuple[str, object, float]]) -> None:
+    async with backend(kind) as lanes:
+        await _play_on(kind, World(lanes), schedule)
+
+
+async def _play_on(kind: str, world: World, schedule: list[tuple[str, object, float]]) -> None:
     for op, arg, value in schedule:
         if op == "arrive":
             await world.arrive(str(arg), value)
@@ -109,28 +152,39 @@ async def _play(schedule: list[tuple[str, object, float]]) -> None:
                 waiting[0].task.cancel()  # ...and cancelled before it could run
         elif op == "tick":
             await asyncio.sleep(0.002)
-        await _settle()
+        await _settle(kind)
         world.check()
     # drain: finish everyone, then no lane may be left behind
     for _ in range(len(world.requests) + 1):
         for request in world.requests:
             if request.state == "holding":
                 request.done.set()
-        await _settle()
+        await _settle(kind)
         world.check()
     await asyncio.gather(*(r.task for r in world.requests if r.task), return_exceptions=True)
     assert all(r.state in ("finished", "cancelled", "timed_out") for r in world.requests)
-    assert len(world.lanes) == 0, "a lane leaked"
+    assert await _idle(world.lanes), "a lane leaked"
 
 
 @settings(max_examples=300, deadline=None)
 @given(ops)
-def test_lane_properties(schedule: list[tuple[str, object, float]]) -> None:
-    asyncio.run(_play(schedule))
+def test_lane_properties_local(schedule: list[tuple[str, object, float]]) -> None:
+    asyncio.run(_play("local", schedule))
 
 
-async def test_positions_and_limits() -> None:
-    lanes = LocalLanes()
+@settings(max_examples=40, deadline=None)
+@given(ops)
+def test_lane_properties_redis(schedule: list[tuple[str, object, float]]) -> None:
+    asyncio.run(_play("redis", schedule))
+
+
+@pytest.fixture(params=["local", "redis"])
+async def lanes(request: pytest.FixtureRequest) -> AsyncIterator[LaneBackend]:
+    async with backend(request.param) as b:
+        yield b
+
+
+async def test_positions_and_limits(lanes: LaneBackend) -> None:
     holder = await lanes.enter("k", max_waiting=2)
     assert holder.arrival_position == 0 and await holder.position() == 0
     second = await lanes.enter("k", max_waiting=2)
@@ -148,11 +202,10 @@ async def test_positions_and_limits() -> None:
     await third.granted(1)
     assert await third.position() == 0 and third.fence > holder.fence
     await third.release()
-    assert await lanes.info("k") is None and len(lanes) == 0
+    assert await lanes.info("k") is None and await _idle(lanes)
 
 
-async def test_timeout_leaves_the_queue() -> None:
-    lanes = LocalLanes()
+async def test_timeout_leaves_the_queue(lanes: LaneBackend) -> None:
     holder = await lanes.enter("k", max_waiting=5)
     waiter = await lanes.enter("k", max_waiting=5)
     with pytest.raises(QueueTimeout):
@@ -160,4 +213,94 @@ async def test_timeout_leaves_the_queue() -> None:
     await waiter.release()
     assert (await lanes.info("k")).waiting == 0  # type: ignore[union-attr]
     await holder.release()
-    assert len(lanes) == 0
+    assert await _idle(lanes)
+
+
+async def test_interrupt_reaches_the_holder(lanes: LaneBackend) -> None:
+    holder = await lanes.enter("k", max_waiting=5, owner="turn_1")
+    interrupted = asyncio.Event()
+    holder.on_interrupt = interrupted.set
+    assert (await lanes.info("k")).holder == "turn_1"  # type: ignore[union-attr]
+    assert await lanes.interrupt("k")
+    await asyncio.wait_for(interrupted.wait(), 2)
+    await holder.release()
+    assert not await lanes.interrupt("k")
+
+
+async def _two_replicas() -> tuple[Any, Any, str]:
+    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
+    a = await open_lanes(f"{REDIS}?prefix={prefix}", lease_s=1.0)
+    b = await open_lanes(f"{REDIS}?prefix={prefix}", lease_s=1.0)
+    return a, b, prefix
+
+
+async def _drop(prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(REDIS)
+    names = [k async for k in client.scan_iter(match=prefix + "*")]
+    if names:
+        await client.delete(*names)
+    await client.aclose()
+
+
+async def test_redis_crashed_holder_frees_its_lane_within_the_lease() -> None:
+    a, b, prefix = await _two_replicas()
+    try:
+        holder = await a.enter("k", max_waiting=5, owner="turn_a")
+        waiter = await b.enter("k", max_waiting=5, owner="turn_b")
+        for task in a._tasks:  # replica a dies: no release, no more heartbeats
+            task.cancel()
+        started = asyncio.get_running_loop().time()
+        await waiter.granted(5)
+        freed_after = asyncio.get_running_loop().time() - started
+        assert freed_after < 1.0 + b.check_s + 0.5, freed_after
+        assert waiter.fence > holder.fence
+        await waiter.release()
+        assert await b.info("k") is None
+    finally:
+        await a._redis.aclose()
+        await b.close()
+        await _drop(prefix)
+
+
+async def test_redis_holder_that_loses_its_lease_is_told() -> None:
+    a, b, prefix = await _two_replicas()
+    try:
+        holder = await a.enter("k", max_waiting=5)
+        lost = asyncio.Event()
+        holder.on_lost = lost.set
+        await a._redis.delete(a._h("k"))  # the lease is gone (expired while paused, say)
+        await asyncio.wait_for(lost.wait(), 2)
+        other = await b.enter("k", max_waiting=5)
+        assert other.arrival_position == 0 and other.fence > holder.fence
+        await other.release()
+        await holder.release()  # a stale release must not free someone else's lane
+    finally:
+        await a.close()
+        await b.close()
+        await _drop(prefix)
+
+
+async def test_redis_grants_across_replicas_in_arrival_order() -> None:
+    a, b, prefix = await _two_replicas()
+    try:
+        order: list[str] = []
+        first = await a.enter("k", max_waiting=10)
+        tickets = []
+        for i in range(6):
+            lanes = a if i % 2 else b
+            tickets.append((f"t{i}", await lanes.enter("k", max_waiting=10)))
+
+        async def run(name: str, ticket: Any) -> None:
+            await ticket.granted(5)
+            order.append(name)
+            await ticket.release()
+
+        tasks = [asyncio.ensure_future(run(n, t)) for n, t in tickets]
+        await asyncio.sleep(0.05)
+        await first.release()
+        await asyncio.gather(*tasks)
+        assert order == [f"t{i}" for i in range(6)]
+    finally:
+        await a.close()
+        await b.close()
+        await _drop(prefix)

@@ -37,7 +37,8 @@ def create_app(settings: Settings) -> Starlette:
 @contextlib.asynccontextmanager
 async def _lifespan(api: Api, settings: Settings) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
-        lanes = await open_lanes(settings.lanes)
+        max_wait = max(a.max_queue_wait_s for a in settings.agents.values())
+        lanes = await open_lanes(settings.lanes, lease_s=settings.lane_lease_s, max_wait_s=max_wait)
         stack.push_async_callback(lanes.close)
         store = await open_store(settings.store_url, exclusive=settings.lanes == "local")
         stack.push_async_callback(store.close)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from laneway import bench, cli_ops, config
+from laneway import config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -44,6 +44,9 @@ def serve(
         str | None, _opt("store", "sqlite:///PATH or postgresql://... (default: SQLite).")
     ] = None,
     lanes: Annotated[str | None, _opt("lanes", "'local' or redis://HOST:PORT/DB.")] = None,
+    lane_lease_s: Annotated[
+        float | None, _opt("lane-lease-s", "Redis lanes: lease of a lane holder (10).")
+    ] = None,
     api_key: Annotated[
         list[str] | None, _opt("api-key", "KEY or TENANT=KEY; repeatable.")
     ] = None,
@@ -89,6 +92,7 @@ def serve(
                 "upstream_api_key": upstream_api_key,
                 "store": store,
                 "lanes": lanes,
+                "lane_lease_s": lane_lease_s,
                 "api_keys": api_key,
                 "admin_keys": admin_key,
                 "max_queue_depth": max_queue_depth,

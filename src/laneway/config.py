@@ -70,6 +70,9 @@ class Settings:
     upstream_api_key: str | None = None
     store: str | None = None
     lanes: str = "local"
+    #: Redis lanes: how long a holder's lease lasts without renewal (a crashed replica's
+    #: lanes free themselves within it).
+    lane_lease_s: float = 10.0
     api_keys: dict[str, str] = field(default_factory=dict)
     admin_keys: list[str] = field(default_factory=list)
     max_queue_depth: int = 16

@@ -39,14 +39,12 @@ from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
 from laneway.store.base import Memory, MemoryScope, SessionRef, SessionState, StaleFence, Store
 from laneway.store.base import TurnRecord
-from laneway.turn import Turn
+from laneway.repeats import Repeats
+from laneway.turn import Turn, new_turn_id
 from laneway.upstream.base import Upstream
 
 logger = logging.getLogger(__name__)
 
-#: A retried SDK request (x-stainless-retry-count > 0) repeats the body of its first
-#: attempt; within this window it follows that attempt's turn instead of running again.
-RETRY_WINDOW_S = 600.0
 _KEEP_FINISHED = 10_000
 
 
@@ -112,9 +110,9 @@ class TurnService:
         #: Queued and running turns, then the last finished ones (for rejoin and repeats).
         self._live: dict[str, Turn] = {}
         self._finished: OrderedDict[str, Turn] = OrderedDict()
-        #: Idempotency keys and SDK-retry fingerprints → the turn they started.
-        self._keys = _Expiring(settings.idempotency_ttl_s)
-        self._retries = _Expiring(RETRY_WINDOW_S)
+        self.repeats = Repeats(store, lanes, settings.idempotency_ttl_s)
+        #: Turn id → the idempotency names it claimed (released if it fails untouched).
+        self._names: dict[str, list[str]] = {}
         #: Lane key → the `collect` turn still waiting there, open to more requests.
         self._batches: dict[str, Turn] = {}
         #: Turn id → its input (a `collect` batch grows it until the turn starts).
@@ -131,30 +129,32 @@ class TurnService:
         lane cannot take it (busy under `reject`, queue full)."""
         ref = SessionRef(req.tenant, req.agent.name, req.session_key or new_session_key())
         key = lane_key(ref)
-        names = self._repeat_names(req, key)
+        names = self.repeats.names(req, key)
         for name in names:
-            earlier = await self._earlier(name, ref, req)
+            earlier = await self.repeats.earlier(name, ref, req)
             if earlier is not None:
-                earlier.requests += 1
-                self.metrics.turns.labels("deduplicated").inc()
-                return earlier
-        # Claim the names before anything awaits, so a concurrent repeat waits for this one.
-        claim: asyncio.Future[Turn | None] = asyncio.get_running_loop().create_future()
-        for name in names:
-            self._index(name)[name] = claim
+                return self._deduplicated(earlier)
+        claim = self.repeats.hold(names)
+        turn: Turn | None = None
         try:
-            turn = await self._join(req, ref, key)
-        except BaseException:
-            for name in names:
-                self._index(name).pop(name)
-            claim.set_result(None)
-            raise
-        for name in names:
-            self._index(name)[name] = turn
-        claim.set_result(turn)
+            turn_id = new_turn_id()
+            if names:
+                earlier = await self.repeats.among_replicas(names, turn_id, ref, req)
+                if earlier is not None:
+                    turn = self._deduplicated(earlier)
+                    return turn
+            turn = await self._join(req, ref, key, turn_id)
+            self._names[turn.id] = names
+            return turn
+        finally:
+            self.repeats.settle(names, claim, turn)
+
+    def _deduplicated(self, turn: Turn) -> Turn:
+        turn.requests += 1
+        self.metrics.turns.labels("deduplicated").inc()
         return turn
 
-    async def _join(self, req: ChatRequest, ref: SessionRef, key: str) -> Turn:
+    async def _join(self, req: ChatRequest, ref: SessionRef, key: str, turn_id: str) -> Turn:
         batch = self._batches.get(key)
         if req.policy == "collect" and batch is not None and await self._can_join(batch, req):
             batch_input = self._inputs[batch.id]
@@ -164,7 +164,7 @@ class TurnService:
             batch.streamed = batch.streamed or req.stream
             self.metrics.turns.labels("collected").inc()
             return batch
-        turn = Turn(ref, req.model, req.stream)
+        turn = Turn(ref, req.model, req.stream, turn_id)
         max_waiting = 0 if req.policy == "reject" else req.agent.max_queue_depth
         try:
             ticket = await self.lanes.enter(key, max_waiting=max_waiting, owner=turn.id)
@@ -197,42 +197,6 @@ class TurnService:
         info = await self.lanes.info(batch.ticket.key)
         return info is not None and await batch.ticket.position() == info.waiting
 
-    def _repeat_names(self, req: ChatRequest, key: str) -> list[str]:
-        names = []
-        if req.idempotency_key:
-            names.append(f"{key}\x00key\x00{req.idempotency_key}")
-        if req.fingerprint:
-            scope = key if req.session_key else f"{req.tenant}/{req.agent.name}/*"
-            names.append(f"{scope}\x00retry\x00{req.fingerprint}")
-        return names
-
-    async def _earlier(self, name: str, ref: SessionRef, req: ChatRequest) -> Turn | None:
-        """The turn an earlier request with this idempotency name started, unless it failed
-        without changing anything."""
-        if "\x00retry\x00" in name and not req.is_retry:
-            return None  # a first attempt: it registers its body for its own retries
-        entry = self._index(name).get(name)
-        found: Turn | None = None
-        if entry is not None:
-            found = await entry if isinstance(entry, asyncio.Future) else entry
-        elif req.idempotency_key and "\x00key\x00" in name and req.session_key:
-            since = time.time() - self.settings.idempotency_ttl_s
-            stored = await self.store.idempotent_turn(ref, req.idempotency_key, since)
-            if stored is not None:
-                found = Turn(ref, req.model, streamed=False)
-                found.id = stored[0]
-                found.started = True
-                found.finish(stored[1], "completed")
-        if found is None or found.result.cancelled():
-            return None
-        error = found.result.exception() if found.result.done() else None
-        if error is not None and not isinstance(error, TurnInterrupted):
-            return None  # it changed nothing: the repeat runs anew
-        return found  # an interrupted turn saved its input: the repeat gets the same error
-
-    def _index(self, name: str) -> _Expiring:
-        return self._retries if "\x00retry\x00" in name else self._keys
-
     # -- the turn ------------------------------------------------------------------------
 
     async def _run(self, turn: Turn, req: ChatRequest, key: str) -> None:
@@ -252,6 +216,7 @@ class TurnService:
             turn.queue_wait_ms = (started_at - turn.created) * 1000
             self.metrics.queue_wait.observe(turn.queue_wait_ms / 1000)
             ticket.on_interrupt = lambda: turn.interrupt("interrupt")
+            ticket.on_lost = lambda: turn.interrupt("lost")
             timer = asyncio.get_running_loop().call_later(
                 agent.max_turn_s, turn.interrupt, "timeout"
             )
@@ -282,6 +247,10 @@ class TurnService:
             if self._batches.get(key) is turn:
                 del self._batches[key]
             await ticket.release()
+            names = self._names.pop(turn.id, [])
+            if names and outcome not in ("ok", "interrupted"):
+                with contextlib.suppress(LanewayError):
+                    await self.repeats.release(names, turn.id)
             self._retire(turn, outcome, started_at)
 
     async def _execute(self, turn: Turn, req: ChatRequest, started_at: float) -> str:
@@ -310,6 +279,9 @@ class TurnService:
                 current.uncancel()
             if reason == "timeout":
                 raise TurnTimeout(f"the turn ran past {agent.max_turn_s:g}s") from None
+            if reason == "lost":
+                raise Unavailable("this turn lost its lane (lease expired); nothing was saved",
+                                  retry_after=1.0) from None
             await self._commit(turn, req, state, loop.salvage(), tools, None, None, started_at,
                                "interrupted")
             raise TurnInterrupted(
@@ -446,33 +418,6 @@ class TurnService:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-
-
-class _Expiring:
-    """Names → a turn (or the future of one being decided), forgotten after `ttl_s` and
-    bounded in size: oldest first out."""
-
-    def __init__(self, ttl_s: float, limit: int = 100_000) -> None:
-        self._ttl = ttl_s
-        self._limit = limit
-        self._items: OrderedDict[str, tuple[float, Turn | asyncio.Future[Turn | None]]] = (
-            OrderedDict()
-        )
-
-    def get(self, name: str) -> Turn | asyncio.Future[Turn | None] | None:
-        now = time.monotonic()
-        items = self._items
-        while items and (len(items) > self._limit or next(iter(items.values()))[0] < now):
-            items.popitem(last=False)
-        entry = items.get(name)
-        return None if entry is None else entry[1]
-
-    def __setitem__(self, name: str, value: Turn | asyncio.Future[Turn | None]) -> None:
-        self._items.pop(name, None)
-        self._items[name] = (time.monotonic() + self._ttl, value)
-
-    def pop(self, name: str) -> None:
-        self._items.pop(name, None)
 
 
 def _text(content: Any) -> str:

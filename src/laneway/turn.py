@@ -22,6 +22,10 @@ Event = tuple[str, Any]
 TERMINAL = ("done", "error")
 
 
+def new_turn_id() -> str:
+    return "turn_" + secrets.token_hex(12)
+
+
 class Turn:
     __slots__ = (
         "id",
@@ -44,10 +48,11 @@ class Turn:
         "_next",
     )
 
-    def __init__(self, ref: SessionRef, model: str, streamed: bool) -> None:
-        token = secrets.token_hex(12)
-        self.id = "turn_" + token
-        self.completion_id = "chatcmpl-" + token
+    def __init__(
+        self, ref: SessionRef, model: str, streamed: bool, turn_id: str | None = None
+    ) -> None:
+        self.id = turn_id or new_turn_id()
+        self.completion_id = "chatcmpl-" + self.id.removeprefix("turn_")
         self.ref = ref
         self.model = model
         #: The lane ticket, once the turn has joined its lane.

@@ -47,6 +47,8 @@ class Ticket(Protocol):
     fence: int
     #: Called (on the event loop) when another request asks the holder to stop.
     on_interrupt: Callable[[], None] | None
+    #: Called when the holder lost the lane (its lease ran out): it must stop at once.
+    on_lost: Callable[[], None] | None
 
     async def granted(self, timeout: float) -> None:
         """Wait until this ticket holds the lane; `QueueTimeout` after `timeout` seconds."""
@@ -67,6 +69,17 @@ class LaneBackend(Protocol):
     async def interrupt(self, key: str) -> bool:
         """Ask the key's holder to stop (its `on_interrupt` runs, wherever it is).
         False if the lane is idle."""
+
+    async def claim(self, name: str, turn_id: str, ttl_s: float, *, replace: bool = False) -> str | None:
+        """Claim an idempotency name for `turn_id` among replicas for `ttl_s`. Returns the
+        turn id of another live replica's earlier claim, else None (claimed). A single
+        process has no one to share with and always returns None."""
+
+    async def unclaim(self, name: str, turn_id: str) -> None:
+        """Drop `turn_id`'s claim (its turn failed without changing anything)."""
+
+    async def claimed(self, name: str) -> str | None:
+        """The turn id holding the claim, if its replica is alive."""
 
     async def info(self, key: str) -> LaneInfo | None:
         """The lane of `key`, or None when it is idle."""

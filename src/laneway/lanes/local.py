@@ -25,8 +25,8 @@ class _Lane:
 
 
 class LocalTicket:
-    __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "_lanes", "_lane",
-                 "_future", "_done")
+    __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "on_lost",
+                 "_lanes", "_lane", "_future", "_done")
 
     def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int, owner: str) -> None:
         self.key = key
@@ -34,6 +34,7 @@ class LocalTicket:
         self.fence = 0
         self.owner = owner
         self.on_interrupt: Callable[[], None] | None = None
+        self.on_lost: Callable[[], None] | None = None  # an in-process lane is never lost
         self._lanes = lanes
         self._lane = lane
         self._future: asyncio.Future[None] | None = None
@@ -105,6 +106,15 @@ class LocalLanes:
         if holder.on_interrupt is not None:
             holder.on_interrupt()
         return True
+
+    async def claim(self, name: str, turn_id: str, ttl_s: float, *, replace: bool = False) -> str | None:
+        return None  # one process: the service's own index is the only one needed
+
+    async def unclaim(self, name: str, turn_id: str) -> None:
+        return None
+
+    async def claimed(self, name: str) -> str | None:
+        return None
 
     async def info(self, key: str) -> LaneInfo | None:
         lane = self._lanes.get(key)

@@ -1,0 +1,433 @@
+"""Lanes in Redis, shared by every replica. The same contract as the in-process lanes
+(see `base.py`), made atomic by Lua scripts.
+
+Keys, for prefix P and lane key K:
+
+    P seq           INCR: ticket order, so arrival order is one order across replicas
+    P fence         INCR: every grant's fence; one counter keeps fences monotonic per key
+                    even after a lane's own keys expired
+    P q:K           ZSET of waiting tickets scored by seq; expires with the longest wait
+    P h:K           the holder, "ticket|fence|granted_ms", with a lease (PX) that the
+                    holder's replica renews; a crashed holder's lane frees itself
+    P c:NAME        an idempotency claim: "R|turn_id" (PX its time to live)
+    P alive:R       replica R is alive (PX lease, renewed with its leases); grants skip
+                    the tickets of dead replicas
+    channel P r:R   grants and interrupts for replica R's tickets: hand-off by
+                    notification, with a slow check as the safety net for lost messages
+
+A ticket id is "R:seq:owner". A holder that cannot renew its lease in time is told it
+lost the lane (`on_lost`) and must stop; the fence keeps it from writing if it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from laneway.errors import QueueFull, QueueTimeout, SessionBusy, Unavailable
+from laneway.lanes.base import LaneInfo
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# grant_next(queue, holder, fence_key, prefix, lease_ms, now_ms): give the lane to the
+# oldest waiting ticket whose replica is alive, and tell that replica.
+_GRANT_NEXT = """
+local function grant_next(queue, holder, fence_key, prefix, lease, now)
+  while true do
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then return false end
+    redis.call('ZREM', queue, head)
+    local replica = string.match(head, '^([^:]+):')
+    if redis.call('EXISTS', prefix .. 'alive:' .. replica) == 1 then
+      local fence = redis.call('INCR', fence_key)
+      redis.call('SET', holder, head .. '|' .. fence .. '|' .. now, 'PX', lease)
+      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. fence)
+      return head
+    end
+  end
+end
+local function holds(holder, ticket)
+  return holder and string.sub(holder, 1, #ticket + 1) == ticket .. '|'
+end
+"""
+
+# KEYS: queue, holder, seq, fence. ARGV: replica, owner, max_waiting, lease_ms, now_ms,
+# queue_ttl_ms, prefix. Returns {ticket, position (-1: no room), fence or waiting}.
+_ENTER = _GRANT_NEXT + """
+local seq = redis.call('INCR', KEYS[3])
+local ticket = ARGV[1] .. ':' .. seq .. ':' .. ARGV[2]
+local holder = redis.call('GET', KEYS[2])
+if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
+  -- the holder's lease ran out (crashed replica) while tickets waited: they go first
+  grant_next(KEYS[1], KEYS[2], KEYS[4], ARGV[7], ARGV[4], ARGV[5])
+  holder = redis.call('GET', KEYS[2])
+end
+if not holder then
+  local fence = redis.call('INCR', KEYS[4])
+  redis.call('SET', KEYS[2], ticket .. '|' .. fence .. '|' .. ARGV[5], 'PX', ARGV[4])
+  return {ticket, 0, fence}
+end
+local waiting = redis.call('ZCARD', KEYS[1])
+if waiting >= tonumber(ARGV[3]) then return {'', -1, waiting} end
+redis.call('ZADD', KEYS[1], seq, ticket)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {ticket, waiting + 1, 0}
+"""
+
+# KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
+# Frees the lane if the ticket holds it, else takes the ticket out of the queue.
+_RELEASE = _GRANT_NEXT + """
+local holder = redis.call('GET', KEYS[2])
+if holds(holder, ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
+  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+end
+return 0
+"""
+
+# KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
+# A waiter's safety net: {1, fence} if it holds the lane (granting it if the lane is
+# free and it is next), {0, tickets ahead} if it waits, {-1} if it was dropped.
+_CHECK = _GRANT_NEXT + """
+local holder = redis.call('GET', KEYS[2])
+if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
+  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  holder = redis.call('GET', KEYS[2])
+end
+if holds(holder, ARGV[1]) then
+  return {1, tonumber(string.match(holder, '|(%d+)|'))}
+end
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if not rank then return {-1, 0} end
+if holder then rank = rank + 1 end
+return {0, rank}
+"""
+
+# KEYS: holder. ARGV: ticket, lease_ms. 1 if renewed, 0 if the lane is no longer held.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+# KEYS: claim. ARGV: replica|turn_id, ttl_ms, prefix. Returns the other live claimant's
+# turn id, or nil once the claim is ours (a dead replica's claim is taken over).
+_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  local replica, turn = string.match(current, '^([^|]+)|(.*)$')
+  if redis.call('EXISTS', ARGV[3] .. 'alive:' .. replica) == 1 then return turn end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS: claim. ARGV: replica|turn_id. Deletes the claim only if it is still this one.
+_UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """`redis://host:port/db?prefix=P` → (URL without the prefix, prefix)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    prefix = query.pop("prefix", "laneway:")
+    return urlunsplit(parts._replace(query=urlencode(query))), prefix
+
+
+class RedisTicket:
+    __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "on_lost", "id",
+                 "lost", "_lanes", "_future", "_done", "_renewed")
+
+    def __init__(self, lanes: RedisLanes, key: str, ticket_id: str, position: int, fence: int,
+                 owner: str) -> None:
+        self.key = key
+        self.id = ticket_id
+        self.arrival_position = position
+        self.fence = fence
+        self.owner = owner
+        self.on_interrupt: Callable[[], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self._lanes = lanes
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if fence:
+            self._future.set_result(None)
+        self._done = False
+        self._renewed = time.monotonic()
+        self.lost = False
+
+    def _grant(self, fence: int) -> None:
+        if not self._future.done():
+            self.fence = fence
+            self._renewed = time.monotonic()
+            self._future.set_result(None)
+
+    async def granted(self, timeout: float) -> None:
+        lanes = self._lanes
+        deadline = time.monotonic() + timeout
+        while not self._future.done():
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._future),
+                                       max(0.0, min(lanes.check_s, remaining)))
+            except TimeoutError:
+                state, value = await lanes._script(
+                    lanes._check, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
+                )
+                if state == 1:
+                    self._grant(value)
+                elif state == -1:
+                    raise Unavailable("this request lost its place in the lane") from None
+                elif time.monotonic() >= deadline:
+                    raise QueueTimeout(
+                        f"waited {timeout:g}s for the session's lane", retry_after=1.0
+                    ) from None
+
+    async def position(self) -> int:
+        if self._future.done():
+            return 0
+        lanes = self._lanes
+        state, value = await lanes._script(
+            lanes._check, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
+        )
+        if state == 1:
+            self._grant(value)
+            return 0
+        return max(0, value)
+
+    async def release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        lanes = self._lanes
+        lanes._tickets.pop(self.id, None)
+        try:
+            await lanes._script(
+                lanes._release, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
+            )
+        except Unavailable:
+            logger.warning("could not release %s: its lease will run out", self.key)
+
+
+class RedisLanes:
+    def __init__(self, url: str, *, lease_s: float = 10.0, max_wait_s: float = 3600.0) -> None:
+        self.url, self.prefix = parse_url(url)
+        self.replica = secrets.token_hex(6)
+        self.lease_ms = int(lease_s * 1000)
+        self.check_s = lease_s / 4
+        self._queue_ttl_ms = int((max_wait_s + 2 * lease_s) * 1000)
+        self._redis = aioredis.Redis.from_url(
+            self.url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
+        )
+        self._enter = self._redis.register_script(_ENTER)
+        self._release = self._redis.register_script(_RELEASE)
+        self._check = self._redis.register_script(_CHECK)
+        self._renew = self._redis.register_script(_RENEW)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._unclaim = self._redis.register_script(_UNCLAIM)
+        self._tickets: dict[str, RedisTicket] = {}
+        self._early: dict[str, int] = {}  # grants that arrived before their ticket was known
+        self._tasks: list[asyncio.Task[None]] = []
+        self._alive_ok = time.monotonic()
+
+    async def open(self) -> None:
+        await self._call(self._redis.set(self._alive_key(), "1", px=self.lease_ms))
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="lanes-listen"),
+            asyncio.create_task(self._heartbeat(), name="lanes-heartbeat"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._alive_key())
+        await self._redis.aclose()
+
+    # -- the contract --------------------------------------------------------------------
+
+    async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> RedisTicket:
+        ticket_id, position, value = await self._call(self._enter(
+            keys=[self._q(key), self._h(key), self.prefix + "seq", self.prefix + "fence"],
+            args=[self.replica, owner, max_waiting, self.lease_ms, _now_ms(),
+                  self._queue_ttl_ms, self.prefix],
+        ))
+        if position == -1:
+            if max_waiting == 0:
+                raise SessionBusy("the session is running another turn", retry_after=1.0)
+            raise QueueFull(f"{value} requests already wait for this session", retry_after=1.0)
+        ticket = RedisTicket(self, key, ticket_id, position, value if position == 0 else 0, owner)
+        self._tickets[ticket_id] = ticket
+        early = self._early.pop(ticket_id, None)
+        if early is not None:
+            ticket._grant(early)
+        return ticket
+
+    async def interrupt(self, key: str) -> bool:
+        holder = await self._call(self._redis.get(self._h(key)))
+        if holder is None:
+            return False
+        ticket = holder.split("|", 1)[0]
+        replica = ticket.split(":", 1)[0]
+        await self._call(self._redis.publish(f"{self.prefix}r:{replica}", f"interrupt|{ticket}"))
+        return True
+
+    async def claim(self, name: str, turn_id: str, ttl_s: float, *, replace: bool = False) -> str | None:
+        value = f"{self.replica}|{turn_id}"
+        if replace:
+            await self._call(self._redis.set(self._c(name), value, px=int(ttl_s * 1000)))
+            return None
+        other = await self._call(
+            self._claim(keys=[self._c(name)], args=[value, int(ttl_s * 1000), self.prefix])
+        )
+        return other or None
+
+    async def unclaim(self, name: str, turn_id: str) -> None:
+        await self._call(self._unclaim(keys=[self._c(name)], args=[f"{self.replica}|{turn_id}"]))
+
+    async def claimed(self, name: str) -> str | None:
+        current = await self._call(self._redis.get(self._c(name)))
+        if current is None:
+            return None
+        replica, _, turn_id = current.partition("|")
+        alive = await self._call(self._redis.exists(f"{self.prefix}alive:{replica}"))
+        return turn_id if alive else None
+
+    async def info(self, key: str) -> LaneInfo | None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._h(key))
+            pipe.zcard(self._q(key))
+            holder, waiting = await self._call(pipe.execute())
+        if holder is None and not waiting:
+            return None
+        return _info(key, holder, waiting)
+
+    async def busy(self) -> list[LaneInfo]:
+        keys: set[str] = set()
+        for pattern in (self.prefix + "h:*", self.prefix + "q:*"):
+            async for name in self._redis.scan_iter(match=pattern, count=500):
+                keys.add(name[len(self.prefix) + 2 :])
+        infos = [await self.info(key) for key in sorted(keys)]
+        return [info for info in infos if info is not None]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _script(self, script: Any, key: str, *args: Any) -> tuple[int, int]:
+        result = await self._call(
+            script(keys=[self._q(key), self._h(key), self.prefix + "fence"], args=list(args))
+        )
+        if isinstance(result, int):
+            return result, 0
+        return int(result[0]), int(result[1])
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as e:
+            raise Unavailable(f"the lane service (Redis) is unreachable: {type(e).__name__}",
+                              retry_after=1.0) from None
+
+    async def _listen(self) -> None:
+        """Grants and interrupts for this replica's tickets; reconnects after an outage."""
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(f"{self.prefix}r:{self.replica}")
+                    async for message in pubsub.listen():
+                        self._dispatch(message.get("data"))
+            except (RedisError, OSError):
+                await asyncio.sleep(0.2)
+
+    def _dispatch(self, data: Any) -> None:
+        if not isinstance(data, str):
+            return
+        kind, _, rest = data.partition("|")
+        if kind == "grant":
+            ticket_id, _, fence = rest.rpartition("|")
+            ticket = self._tickets.get(ticket_id)
+            if ticket is None:
+                self._early[ticket_id] = int(fence)
+            else:
+                ticket._grant(int(fence))
+        elif kind == "interrupt":
+            ticket = self._tickets.get(rest)
+            if ticket is not None and ticket.on_interrupt is not None:
+                ticket.on_interrupt()
+
+    async def _heartbeat(self) -> None:
+        """Renew this replica's liveness and every lease it holds, three times a lease.
+        A lease not renewed in time is lost: its holder is told to stop."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            held = [t for t in self._tickets.values()
+                    if t._future.done() and not t._done and not t.lost]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self._alive_key(), "1", px=self.lease_ms)
+                    for ticket in held:
+                        await self._renew(keys=[self._h(ticket.key)],
+                                          args=[ticket.id, self.lease_ms], client=pipe)
+                    results = await pipe.execute()
+            except (RedisError, OSError):
+                results = None
+            now = time.monotonic()
+            for i, ticket in enumerate(held):
+                if results is not None and results[i + 1] == 1:
+                    ticket._renewed = now
+                elif results is not None or now - ticket._renewed > self.lease_ms / 1000 * 0.8:
+                    self._lose(ticket)
+
+    def _lose(self, ticket: RedisTicket) -> None:
+        logger.warning("lost the lease of %s", ticket.key)
+        ticket.lost = True
+        if ticket.on_lost is not None:
+            ticket.on_lost()
+
+    def _alive_key(self) -> str:
+        return f"{self.prefix}alive:{self.replica}"
+
+    def _c(self, name: str) -> str:
+        return f"{self.prefix}c:{name}"
+
+    def _q(self, key: str) -> str:
+        return f"{self.prefix}q:{key}"
+
+    def _h(self, key: str) -> str:
+        return f"{self.prefix}h:{key}"
+
+
+def _info(key: str, holder: str | None, waiting: int) -> LaneInfo:
+    if holder is None:
+        return LaneInfo(key, False, waiting, 0.0, None)
+    ticket, _, rest = holder.partition("|")
+    granted_ms = int(rest.rsplit("|", 1)[-1])
+    owner = ticket.split(":", 2)[2] or None
+    return LaneInfo(key, True, waiting, max(0.0, time.time() - granted_ms / 1000), owner)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
