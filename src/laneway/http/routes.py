@@ -220,7 +220,9 @@ class Api:
         return JSON({"object": "list", "data": data[-limit:]})
 
     async def get_turn(self, request: Request) -> Response:
-        """Rejoin: a turn's status and result; `?wait=S` waits up to S seconds for it."""
+        """Rejoin: a turn's status and result; `?wait=S` waits up to S seconds for it to
+        end. A turn of another replica is known from the lanes while it runs and from the
+        store once it has ended."""
         ref = self._ref(request)
         turn_id = request.path_params["turn_id"]
         wait = _float_param(request.query_params.get("wait"), "wait", high=3600)
@@ -230,10 +232,20 @@ class Api:
                 with contextlib.suppress(TimeoutError, LanewayError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(live.result), wait)
             return JSON(live.view())
-        stored = await self.store.turn(ref, turn_id)
-        if stored is None:
-            raise NotFound("no such turn in this session", code="turn_not_found")
-        return JSON({"object": "turn", "session_key": ref.key, "agent": ref.agent, **stored})
+        deadline = time.monotonic() + wait
+        while True:
+            stored = await self.store.turn(ref, turn_id)
+            if stored is not None:
+                return JSON({"object": "turn", "session_key": ref.key, "agent": ref.agent,
+                             **stored})
+            info = await self.lanes.info(lane_key(ref))
+            running = info is not None and info.holder == turn_id
+            if time.monotonic() >= deadline:
+                if running:
+                    return JSON({"object": "turn", "id": turn_id, "session_key": ref.key,
+                                 "agent": ref.agent, "status": "running"})
+                raise NotFound("no such turn in this session", code="turn_not_found")
+            await asyncio.sleep(0.05)
 
     def _ref(self, request: Request) -> SessionRef:
         caller = self.auth.caller(request.headers)
