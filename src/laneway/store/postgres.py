@@ -4,13 +4,14 @@ per connection. Migrations run through SQLAlchemy's asyncpg engine at start."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from laneway.errors import Unavailable
 from laneway.store.base import MemoryScope
 from laneway.store.driver import Row
 from laneway.store.migrate import upgrade
@@ -24,6 +25,7 @@ _SEARCH = (
 )
 _SEARCH_SESSION = _SEARCH.format(owner="= $5")
 _SEARCH_AGENT = _SEARCH.format(owner="IS NULL")
+_ACQUIRE_S = 3.0
 
 
 class PostgresConn:
@@ -69,7 +71,7 @@ class PostgresDriver:
         finally:
             await engine.dispose()
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30
+            self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30, timeout=_ACQUIRE_S
         )
 
     async def close(self) -> None:
@@ -80,11 +82,25 @@ class PostgresDriver:
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        async with self._pool.acquire() as raw:
-            yield PostgresConn(raw)
+        with _unavailable_when_down():
+            async with self._pool.acquire(timeout=_ACQUIRE_S) as raw:
+                yield PostgresConn(raw)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        async with self._pool.acquire() as raw, raw.transaction():
-            yield PostgresConn(raw)
+        with _unavailable_when_down():
+            async with self._pool.acquire(timeout=_ACQUIRE_S) as raw, raw.transaction():
+                yield PostgresConn(raw)
+
+
+@contextlib.contextmanager
+def _unavailable_when_down() -> Iterator[None]:
+    """A lost or refused connection is a 503 (the transaction, if any, rolled back); the
+    pool reconnects by itself once PostgreSQL is back."""
+    try:
+        yield
+    except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError) as e:
+        raise Unavailable(f"the store (PostgreSQL) is unreachable: {type(e).__name__}",
+                          retry_after=1.0) from None

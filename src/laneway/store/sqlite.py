@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from laneway.errors import Unavailable
 from laneway.store.base import MemoryScope
 from laneway.store.driver import Row
 from laneway.store.migrate import upgrade
@@ -99,13 +100,16 @@ class SqliteDriver:
     async def transaction(self) -> AsyncIterator[SqliteConn]:
         conn = self._conn
         assert conn is not None, "store is not open"
-        conn.raw.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.raw.execute("ROLLBACK")
-            raise
-        conn.raw.execute("COMMIT")
+            conn.raw.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.raw.execute("ROLLBACK")
+                raise
+            conn.raw.execute("COMMIT")
+        except sqlite3.OperationalError as e:  # disk full, I/O error, locked past the timeout
+            raise Unavailable(f"the store (SQLite) cannot write: {e}", retry_after=1.0) from None
         if self._checkpointer is not None:
             self._checkpointer.dirty.set()
 
