@@ -304,3 +304,17 @@ async def test_redis_grants_across_replicas_in_arrival_order() -> None:
         await a.close()
         await b.close()
         await _drop(prefix)
+
+
+async def test_redis_fences_keep_growing_after_redis_forgets_everything() -> None:
+    """A Redis restarted without persistence starts its counters over; fences must not."""
+    async with backend("redis") as lanes:
+        first = await lanes.enter("k", max_waiting=1)
+        await first.release()
+        client = redis.asyncio.Redis.from_url(REDIS)
+        prefix = lanes.prefix  # type: ignore[attr-defined]
+        await client.delete(prefix + "fence", prefix + "seq")
+        await client.aclose()
+        second = await lanes.enter("k", max_waiting=1)
+        assert second.fence > first.fence
+        await second.release()

@@ -4,8 +4,8 @@
 Keys, for prefix P and lane key K:
 
     P seq           INCR: ticket order, so arrival order is one order across replicas
-    P fence         INCR: every grant's fence; one counter keeps fences monotonic per key
-                    even after a lane's own keys expired
+    P fence         every grant's fence: INCR, raised to the server clock (µs) when it
+                    lags, so fences keep growing after lane keys expired or Redis restarted
     P q:K           ZSET of waiting tickets scored by seq; expires with the longest wait
     P h:K           the holder, "ticket|fence|granted_ms", with a lease (PX) that the
                     holder's replica renews; a crashed holder's lane frees itself
@@ -42,6 +42,18 @@ T = TypeVar("T")
 # grant_next(queue, holder, fence_key, prefix, lease_ms, now_ms): give the lane to the
 # oldest waiting ticket whose replica is alive, and tell that replica.
 _GRANT_NEXT = """
+-- Fences follow the Redis server's clock in microseconds when the counter lags it, so
+-- they keep growing even after a restart of a Redis that persists nothing.
+local function next_fence(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = redis.call('INCR', key)
+  if fence < now then
+    redis.call('SET', key, now)
+    fence = now
+  end
+  return fence
+end
 local function grant_next(queue, holder, fence_key, prefix, lease, now)
   while true do
     local head = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -49,9 +61,10 @@ local function grant_next(queue, holder, fence_key, prefix, lease, now)
     redis.call('ZREM', queue, head)
     local replica = string.match(head, '^([^:]+):')
     if redis.call('EXISTS', prefix .. 'alive:' .. replica) == 1 then
-      local fence = redis.call('INCR', fence_key)
-      redis.call('SET', holder, head .. '|' .. fence .. '|' .. now, 'PX', lease)
-      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. fence)
+      local fence = next_fence(fence_key)
+      local f = string.format('%d', fence)
+      redis.call('SET', holder, head .. '|' .. f .. '|' .. now, 'PX', lease)
+      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. f)
       return head
     end
   end
@@ -73,8 +86,9 @@ if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
   holder = redis.call('GET', KEYS[2])
 end
 if not holder then
-  local fence = redis.call('INCR', KEYS[4])
-  redis.call('SET', KEYS[2], ticket .. '|' .. fence .. '|' .. ARGV[5], 'PX', ARGV[4])
+  local fence = next_fence(KEYS[4])
+  redis.call('SET', KEYS[2], ticket .. '|' .. string.format('%d', fence) .. '|' .. ARGV[5],
+             'PX', ARGV[4])
   return {ticket, 0, fence}
 end
 local waiting = redis.call('ZCARD', KEYS[1])
