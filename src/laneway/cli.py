@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from laneway import config
+from laneway import cli_ops, config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -157,6 +157,7 @@ def _run(settings: config.Settings) -> None:
     )
 
 
+cli_ops.register(app)
 
 
 def main() -> None:

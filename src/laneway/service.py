@@ -347,6 +347,9 @@ class TurnService:
         status: str,
     ) -> None:
         assert turn.ticket is not None
+        if not turn.ticket.secure():
+            raise Unavailable("this turn lost its lane (lease expired); nothing was saved",
+                              retry_after=1.0)
         record = TurnRecord(
             id=turn.id,
             status=status,

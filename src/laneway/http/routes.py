@@ -59,6 +59,8 @@ class Api:
         self.metrics = metrics
 
     def routes(self) -> list[Route]:
+        from laneway.http.ui import ui_routes
+
         return [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
@@ -71,6 +73,7 @@ class Api:
             Route("/v1/lanes", self.list_lanes, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            *ui_routes(self),
         ]
 
     # -- chat ----------------------------------------------------------------------------

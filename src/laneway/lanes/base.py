@@ -59,6 +59,10 @@ class Ticket(Protocol):
     async def release(self) -> None:
         """Leave the queue or free the lane for the next ticket. Idempotent."""
 
+    def secure(self) -> bool:
+        """Whether the holder can be sure it still holds the lane (checked before a
+        commit; the fence still guards the store if the answer comes too late)."""
+
 
 class LaneBackend(Protocol):
     async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> Ticket:

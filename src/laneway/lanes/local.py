@@ -64,6 +64,9 @@ class LocalTicket:
         except ValueError:
             return 0
 
+    def secure(self) -> bool:
+        return self._lane.holder is self
+
     async def release(self) -> None:
         if self._done:
             return

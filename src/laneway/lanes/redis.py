@@ -230,6 +230,11 @@ class RedisTicket:
             return 0
         return max(0, value)
 
+    def secure(self) -> bool:
+        """Renewed recently enough that the lease cannot have run out yet."""
+        age = time.monotonic() - self._renewed
+        return not self.lost and age < self._lanes.lease_ms / 1000 * 0.8
+
     async def release(self) -> None:
         if self._done:
             return
@@ -393,10 +398,10 @@ class RedisLanes:
                 ticket.on_interrupt()
 
     async def _heartbeat(self) -> None:
-        """Renew this replica's liveness and every lease it holds, three times a lease.
+        """Renew this replica's liveness and every lease it holds, five times a lease.
         A lease not renewed in time is lost: its holder is told to stop."""
         while True:
-            await asyncio.sleep(self.lease_ms / 3000)
+            await asyncio.sleep(self.lease_ms / 5000)
             held = [t for t in self._tickets.values()
                     if t._future.done() and not t._done and not t.lost]
             try:
