@@ -110,3 +110,45 @@ async def test_wrong_method_is_openai_shaped(gateway: Gateway) -> None:
         async with http.get(gateway.base_url + "/chat/completions") as resp:
             assert resp.status == 405
             validate_error(await resp.json())
+
+
+# -- any JSON at all: a 4xx or a request, never a crash ------------------------------------
+
+import json  # noqa: E402
+
+from hypothesis import given, settings as hsettings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from laneway.config import load as load_settings  # noqa: E402
+from laneway.errors import LanewayError  # noqa: E402
+from laneway.http.chat import parse_chat  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "x"]) | _json},
+    optional={"content": _json | st.text(max_size=5), "tool_call_id": _json, "name": _json,
+              "tool_calls": _json},
+)
+_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["default", "laneway/default"]) | _json,
+     "messages": st.lists(_message, max_size=4) | _json},
+    optional={k: _json for k in ("stream", "stream_options", "tools", "tool_choice", "temperature",
+                                 "max_tokens", "stop", "n", "user", "response_format", "seed")},
+)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(body=_body | _json, headers=st.dictionaries(
+    st.sampled_from(["x-laneway-session-key", "x-openclaw-session-key", "x-laneway-lane-policy",
+                     "x-laneway-session-override", "idempotency-key", "x-stainless-retry-count"]),
+    st.text(max_size=6)))
+def test_parse_chat_never_crashes(body: Any, headers: dict[str, str]) -> None:
+    settings = load_settings({"data_dir": "/tmp/unused"})
+    try:
+        parse_chat(json.dumps(body).encode(), headers, settings, "default")
+    except LanewayError as e:
+        assert 400 <= e.status < 500

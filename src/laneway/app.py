@@ -45,7 +45,10 @@ async def _lifespan(api: Api, settings: Settings) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         stack.push_async_callback(http.close)
         upstreams = await open_upstreams(
-            list(settings.agents.values()), http, settings.upstream_timeout_s
+            list(settings.agents.values()),
+            http,
+            settings.upstream_timeout_s,
+            settings.max_reply_bytes,
         )
         for upstream in {id(u): u for u in upstreams.values()}.values():
             stack.push_async_callback(upstream.close)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -65,6 +66,23 @@ def serve(
     max_body_bytes: Annotated[
         int | None, _opt("max-body-bytes", "Largest request body (default 4 MiB).")
     ] = None,
+    max_messages: Annotated[int | None, _opt("max-messages", "Messages per request (2048).")] = None,
+    max_message_chars: Annotated[
+        int | None, _opt("max-message-chars", "Characters per message (1000000).")
+    ] = None,
+    max_tools: Annotated[int | None, _opt("max-tools", "Tools per request (128).")] = None,
+    max_tools_bytes: Annotated[
+        int | None, _opt("max-tools-bytes", "Tool definitions' size (262144).")
+    ] = None,
+    max_tokens_cap: Annotated[
+        int | None, _opt("max-tokens-cap", "Largest max_tokens accepted (65536).")
+    ] = None,
+    max_queued_per_tenant: Annotated[
+        int | None, _opt("max-queued-per-tenant", "Waiting requests per tenant (1024).")
+    ] = None,
+    rate_limit_per_minute: Annotated[
+        int | None, _opt("rate-limit-per-minute", "Requests a minute per tenant (0: off).")
+    ] = None,
     context_tokens: Annotated[
         int | None, _opt("context-tokens", "Context budget per turn (default 8192).")
     ] = None,
@@ -99,6 +117,13 @@ def serve(
                 "max_queue_wait_s": max_queue_wait_s,
                 "upstream_timeout_s": upstream_timeout_s,
                 "max_body_bytes": max_body_bytes,
+                "max_messages": max_messages,
+                "max_message_chars": max_message_chars,
+                "max_tools": max_tools,
+                "max_tools_bytes": max_tools_bytes,
+                "max_tokens_cap": max_tokens_cap,
+                "max_queued_per_tenant": max_queued_per_tenant,
+                "rate_limit_per_minute": rate_limit_per_minute,
                 "context_tokens": context_tokens,
                 "max_turn_s": max_turn_s,
                 "max_concurrent_turns": max_concurrent_turns,
@@ -137,11 +162,12 @@ def _run(settings: config.Settings) -> None:
     model = (
         "bundled SmolLM2-135M-Instruct (in-process)"
         if default.upstream in (None, "local")
-        else f"{default.upstream} ({default.upstream_model or 'first listed model'})"
+        else f"{redact(default.upstream)} ({default.upstream_model or 'first listed model'})"
     )
     console.print(
         f"laneway listening on [bold]http://{settings.host}:{settings.port}[/bold]\n"
-        f"  model: {model}\n  store: {settings.store_url}\n  lanes: {settings.lanes}\n"
+        f"  model: {model}\n  store: {redact(settings.store_url)}\n"
+        f"  lanes: {redact(settings.lanes)}\n"
         f"  agents: {', '.join(settings.agents)}",
         soft_wrap=True,
     )
@@ -158,6 +184,15 @@ def _run(settings: config.Settings) -> None:
 
 
 cli_ops.register(app)
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def main() -> None:

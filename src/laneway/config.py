@@ -79,6 +79,18 @@ class Settings:
     max_queue_wait_s: float = 300.0
     upstream_timeout_s: float = 120.0
     max_body_bytes: int = 4 * 1024 * 1024
+    # Input limits: each a clear 400 when exceeded.
+    max_messages: int = 2048
+    max_message_chars: int = 1_000_000
+    max_tools: int = 128
+    max_tools_bytes: int = 256 * 1024
+    max_tokens_cap: int = 65536
+    #: A model reply larger than this fails the turn (502) instead of filling memory.
+    max_reply_bytes: int = 8 * 1024 * 1024
+    # Per tenant, per replica: waiting requests (429 tenant_queue_full) and requests a
+    # minute (429 rate_limit_exceeded; 0 = no limit).
+    max_queued_per_tenant: int = 1024
+    rate_limit_per_minute: int = 0
     context_tokens: int = 8192
     lane_policy: str = "enqueue"
     max_turn_s: float = 600.0

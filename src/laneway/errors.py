@@ -11,6 +11,7 @@ only place they become OpenAI-shaped responses.
     ├── SessionBusy (409 session_busy)
     ├── QueueFull (429 queue_full)
     ├── QueueTimeout (429 queue_timeout)
+    ├── RateLimited (429 rate_limit_exceeded)
     ├── TurnInterrupted (409 turn_interrupted)
     ├── UpstreamError (502 upstream_error)
     │   └── UpstreamTimeout (504 upstream_timeout)
@@ -104,6 +105,12 @@ class QueueTimeout(LanewayError):
     status = 429
     type = "rate_limit_error"
     code = "queue_timeout"
+
+
+class RateLimited(LanewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class UpstreamError(LanewayError):

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +113,8 @@ class TurnService:
         self.repeats = Repeats(store, lanes, settings.idempotency_ttl_s)
         #: Turn id → the idempotency names it claimed (released if it fails untouched).
         self._names: dict[str, list[str]] = {}
+        #: Waiting requests per tenant (this replica's).
+        self._queued: Counter[str] = Counter()
         #: Lane key → the `collect` turn still waiting there, open to more requests.
         self._batches: dict[str, Turn] = {}
         #: Turn id → its input (a `collect` batch grows it until the turn starts).
@@ -176,6 +178,15 @@ class TurnService:
             raise
         turn.ticket = ticket
         turn.arrival_position = ticket.arrival_position
+        if ticket.arrival_position:
+            if self._queued[req.tenant] >= self.settings.max_queued_per_tenant:
+                await ticket.release()
+                self.metrics.turns.labels("queue_full").inc()
+                raise QueueFull(
+                    f"{self.settings.max_queued_per_tenant} requests of this tenant already wait",
+                    code="tenant_queue_full", retry_after=1.0,
+                )
+            self._queued[req.tenant] += 1
         if req.policy == "interrupt" and ticket.arrival_position:
             await self.lanes.interrupt(key)
         if req.policy == "collect" and ticket.arrival_position:
@@ -206,8 +217,12 @@ class TurnService:
         outcome = "error"
         started_at = 0.0
         timer: asyncio.TimerHandle | None = None
+        queued = bool(ticket.arrival_position)
         try:
             await ticket.granted(agent.max_queue_wait_s)
+            if queued:
+                queued = False
+                self._queued[turn.ref.tenant] -= 1
             started_at = time.time()
             turn.started = True
             turn.status = "running"
@@ -242,6 +257,8 @@ class TurnService:
             logger.exception("turn %s failed", turn.id)
             turn.fail(LanewayError(f"internal error: {type(e).__name__}"))
         finally:
+            if queued:
+                self._queued[turn.ref.tenant] -= 1
             if timer is not None:
                 timer.cancel()
             if self._batches.get(key) is turn:

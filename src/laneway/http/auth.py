@@ -4,11 +4,12 @@ does not depend on how much of a key an attacker guessed right."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from laneway.config import DEFAULT_TENANT
-from laneway.errors import Unauthorized
+from laneway.errors import RateLimited, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +41,26 @@ class Auth:
         if tenant is None:
             raise Unauthorized("invalid API key")
         return Caller(tenant, admin=False)
+
+
+class RateLimiter:
+    """Requests per minute per tenant, in fixed one-minute windows, on this replica."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def check(self, tenant: str) -> None:
+        if not self.per_minute:
+            return
+        now = time.time()
+        window = int(now // 60)
+        start, count = self._windows.get(tenant, (window, 0))
+        if start != window:
+            count = 0
+        if count >= self.per_minute:
+            raise RateLimited(
+                f"over {self.per_minute} requests a minute for this tenant",
+                retry_after=(window + 1) * 60 - now,
+            )
+        self._windows[tenant] = (window, count + 1)

@@ -58,6 +58,7 @@ def parse_chat(
     if not isinstance(messages, list) or not messages:
         raise BadRequest("`messages` must be a non-empty array", param="messages")
     systems, new_input = _split(messages)
+    _check_limits(data, messages, settings)
     tools = _tools(data.get("tools"))
     retries = headers.get("x-stainless-retry-count")
     return ChatRequest(
@@ -79,6 +80,37 @@ def parse_chat(
         fingerprint=fingerprint(body) if retries is not None else None,
         is_retry=retries not in (None, "0"),
     )
+
+
+def _check_limits(data: dict[str, Any], messages: list[Any], settings: Settings) -> None:
+    if len(messages) > settings.max_messages:
+        raise BadRequest(f"at most {settings.max_messages} messages per request",
+                         param="messages", code="too_many_messages")
+    for i, message in enumerate(messages):
+        if _size(message.get("content")) > settings.max_message_chars:
+            raise BadRequest(f"messages[{i}] is over {settings.max_message_chars} characters",
+                             param=f"messages[{i}].content", code="message_too_large")
+    tools = data.get("tools")
+    if isinstance(tools, list):
+        if len(tools) > settings.max_tools:
+            raise BadRequest(f"at most {settings.max_tools} tools per request", param="tools",
+                             code="too_many_tools")
+        if len(orjson.dumps(tools)) > settings.max_tools_bytes:
+            raise BadRequest(f"the tool definitions are over {settings.max_tools_bytes} bytes",
+                             param="tools", code="tools_too_large")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > settings.max_tokens_cap:
+            raise BadRequest(f"`{name}` is capped at {settings.max_tokens_cap}", param=name,
+                             code="max_tokens_too_large")
+
+
+def _size(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(orjson.dumps(part)) for part in content)
+    return 0
 
 
 def _split(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -110,7 +142,7 @@ def _check_message(message: Any, i: int) -> None:
     if not isinstance(message, dict):
         raise BadRequest(f"{where} must be an object", param=where)
     role = message.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise BadRequest(
             f"{where}.role must be one of {', '.join(sorted(_ROLES))}", param=f"{where}.role"
         )
@@ -118,6 +150,7 @@ def _check_message(message: Any, i: int) -> None:
     if role == "assistant":
         if content is not None and not isinstance(content, (str, list)):
             raise BadRequest(f"{where}.content must be a string or an array", param=where)
+        _check_tool_calls(message.get("tool_calls"), f"{where}.tool_calls")
         return
     _check_content(content, f"{where}.content", text_only=role != "user")
     if role == "tool" and not (
@@ -129,6 +162,25 @@ def _check_message(message: Any, i: int) -> None:
         raise BadRequest(f"{where}.name must be a string", param=f"{where}.name")
 
 
+def _check_tool_calls(calls: Any, where: str) -> None:
+    """The client's copy of earlier tool calls is not used, but must be well-formed."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise BadRequest(f"{where} must be an array", param=where)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(function, dict)
+            and isinstance(call.get("id"), str)  # type: ignore[union-attr]
+            and call.get("type") == "function"  # type: ignore[union-attr]
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise BadRequest(f"{where}[{j}] must be a function call with id, name and arguments",
+                             param=where)
+
+
 def _check_content(content: Any, where: str, *, text_only: bool) -> None:
     if isinstance(content, str):
         if not content.strip():
@@ -138,6 +190,7 @@ def _check_content(content: Any, where: str, *, text_only: bool) -> None:
         raise BadRequest(f"{where} must be a non-empty string or array of parts", param=where)
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None
         allowed = ("text",) if text_only else _PART_TYPES
         if kind not in allowed:
             raise BadRequest(f"{where}[{j}].type must be one of {', '.join(allowed)}", param=where)
@@ -170,7 +223,7 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if tool.get("type") != "function" or not isinstance(name, str):  # type: ignore[union-attr]
+        if not isinstance(name, str) or tool.get("type") != "function":  # type: ignore[union-attr]
             raise BadRequest(
                 f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
                 param=f"tools[{i}]",
@@ -181,9 +234,11 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
             raise BadRequest(f"tools[{i}]: {name!r} is a built-in tool", param=f"tools[{i}]")
         if name in seen:
             raise BadRequest(f"tools[{i}]: {name!r} is defined twice", param=f"tools[{i}]")
-        parameters = function.get("parameters")  # type: ignore[union-attr]
-        if parameters is not None and not isinstance(parameters, dict):
-            raise BadRequest(f"tools[{i}].function.parameters must be an object", param="tools")
+        for field_, kind in (("parameters", dict), ("description", str), ("strict", bool)):
+            value = function.get(field_)  # type: ignore[union-attr]
+            if value is not None and not isinstance(value, kind):
+                raise BadRequest(f"tools[{i}].function.{field_} has the wrong type",
+                                 param=f"tools[{i}]")
         seen.add(name)
     return tools or None
 
@@ -192,7 +247,8 @@ def _tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> Any:
     if choice is None or choice in ("none", "auto", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if tools and any(t["function"]["name"] == name for t in tools):
             return choice
     raise BadRequest("`tool_choice` must be none, auto, required or a tool of `tools`",
@@ -223,6 +279,9 @@ def _params(data: dict[str, Any]) -> dict[str, Any]:
             params[name] = value
     if data.get("parallel_tool_calls") is not None:
         params["parallel_tool_calls"] = _bool(data, "parallel_tool_calls")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise BadRequest("`user` must be a string", param="user")
     n = data.get("n")
     if n is not None and n != 1:
         raise BadRequest("`n` must be 1: a session has one reply per turn", param="n")
@@ -248,14 +307,9 @@ def _include_usage(data: dict[str, Any]) -> bool:
 
 
 def _session_key(headers: Mapping[str, str]) -> str | None:
-    override = headers.get("x-laneway-session-override")
-    if override is not None:
-        if override != "isolated":
-            raise BadRequest(
-                "x-laneway-session-override must be 'isolated'",
-                param="x-laneway-session-override",
-            )
-        return None  # an explicitly new, separate session: the one way around a busy lane
+    """The session key; every session header given must be well-formed, and the alias
+    may not name another session than the main header."""
+    keys = []
     for name in SESSION_HEADERS:
         key = headers.get(name)
         if key is not None:
@@ -264,8 +318,19 @@ def _session_key(headers: Mapping[str, str]) -> str | None:
                     f"{name} must be 1-256 printable ASCII characters, no spaces or '/'",
                     param=name,
                 )
-            return key
-    return None
+            keys.append(key)
+    if len(set(keys)) > 1:
+        raise BadRequest(f"{SESSION_HEADERS[0]} and {SESSION_HEADERS[1]} name different sessions",
+                         param=SESSION_HEADERS[1])
+    override = headers.get("x-laneway-session-override")
+    if override is not None:
+        if override != "isolated":
+            raise BadRequest(
+                "x-laneway-session-override must be 'isolated'",
+                param="x-laneway-session-override",
+            )
+        return None  # an explicitly new, separate session: the one way around a busy lane
+    return keys[0] if keys else None
 
 
 def _idempotency_key(headers: Mapping[str, str]) -> str | None:

@@ -23,13 +23,18 @@ from laneway.errors import (
     Unavailable,
 )
 from laneway.http.errors import error_response
-from laneway.http.auth import Auth, Caller
+from laneway.http import openapi
+from laneway.http.auth import Auth, Caller, RateLimiter
 from laneway.http.chat import parse_chat
 from laneway.http.sse import TurnStream, disconnected
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
 from laneway.service import TurnService, lane_key
 from laneway.store.base import MemoryScope, SessionRef, Store
+
+
+#: The longest a rejoin may wait in one request; a client wanting longer asks again.
+MAX_WAIT_S = 60.0
 
 
 class JSON(Response):
@@ -50,6 +55,8 @@ class Api:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.auth = Auth(settings.api_keys, settings.admin_keys)
+        self.rate = RateLimiter(settings.rate_limit_per_minute)
+        self._openapi = orjson.dumps(openapi.document())
         self.started = int(time.time())
 
     def bind(self, service: TurnService, store: Store, lanes: LaneBackend, metrics: Metrics) -> None:
@@ -66,13 +73,13 @@ class Api:
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/sessions", self.list_sessions, methods=["GET"]),
-            Route("/v1/sessions/{key}", self.get_session, methods=["GET"]),
-            Route("/v1/sessions/{key}", self.delete_session, methods=["DELETE"]),
+            Route("/v1/sessions/{key}", self.session, methods=["GET", "DELETE"]),
             Route("/v1/sessions/{key}/turns", self.list_turns, methods=["GET"]),
             Route("/v1/sessions/{key}/turns/{turn_id}", self.get_turn, methods=["GET"]),
             Route("/v1/lanes", self.list_lanes, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
             *ui_routes(self),
         ]
 
@@ -80,6 +87,7 @@ class Api:
 
     async def chat_completions(self, request: Request) -> Response | TurnStream:
         caller = self.auth.caller(request.headers)
+        self.rate.check(caller.tenant)
         body = await _read_body(request, self.settings.max_body_bytes)
         chat = parse_chat(body, request.headers, self.settings, caller.tenant)
         turn = await self.service.submit(chat)
@@ -137,12 +145,12 @@ class Api:
         sessions, cursor = await self.store.list_sessions(
             tenant, q.get("agent"), limit, q.get("cursor")
         )
-        busy_filter = q.get("busy")
+        busy_filter = _bool_param(q.get("busy"), "busy")
         data = []
         for s in sessions:
             info = await self.lanes.info(lane_key(SessionRef(s.tenant, s.agent, s.key)))
             busy = info is not None
-            if busy_filter is not None and busy != (busy_filter in ("1", "true", "yes")):
+            if busy_filter is not None and busy != busy_filter:
                 continue
             data.append(
                 {
@@ -157,6 +165,12 @@ class Api:
                 }
             )
         return JSON({"object": "list", "data": data, "next_cursor": cursor})
+
+    async def session(self, request: Request) -> Response:
+        """One route for both methods, so a 405 lists them all in `Allow`."""
+        if request.method == "DELETE":
+            return await self.delete_session(request)
+        return await self.get_session(request)
 
     async def get_session(self, request: Request) -> Response:
         ref = self._ref(request)
@@ -228,7 +242,7 @@ class Api:
         store once it has ended."""
         ref = self._ref(request)
         turn_id = request.path_params["turn_id"]
-        wait = _float_param(request.query_params.get("wait"), "wait", high=3600)
+        wait = _float_param(request.query_params.get("wait"), "wait", high=MAX_WAIT_S)
         live = self.service.turn(turn_id)
         if live is not None and live.ref == ref:
             if wait and not live.result.done():
@@ -289,6 +303,9 @@ class Api:
             raise Unavailable("the store is not answering") from None
         return JSON({"status": "ok"})
 
+    async def openapi(self, request: Request) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
     async def prometheus(self, request: Request) -> Response:
         busy = await self.lanes.busy()
         self.metrics.active_lanes.set(len(busy))
@@ -316,6 +333,16 @@ def _int_param(value: str | None, name: str, *, default: int, high: int) -> int:
     if not value.isdigit() or not 1 <= int(value) <= high:
         raise BadRequest(f"`{name}` must be an integer from 1 to {high}", param=name)
     return int(value)
+
+
+def _bool_param(value: str | None, name: str) -> bool | None:
+    if value is None:
+        return None
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise BadRequest(f"`{name}` must be true or false", param=name)
 
 
 def _float_param(value: str | None, name: str, *, high: float) -> float:

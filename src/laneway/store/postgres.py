@@ -82,25 +82,27 @@ class PostgresDriver:
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        with _unavailable_when_down():
+        with self._unavailable_when_down():
             async with self._pool.acquire(timeout=_ACQUIRE_S) as raw:
                 yield PostgresConn(raw)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        with _unavailable_when_down():
+        with self._unavailable_when_down():
             async with self._pool.acquire(timeout=_ACQUIRE_S) as raw, raw.transaction():
                 yield PostgresConn(raw)
 
-
-@contextlib.contextmanager
-def _unavailable_when_down() -> Iterator[None]:
-    """A lost or refused connection is a 503 (the transaction, if any, rolled back); the
-    pool reconnects by itself once PostgreSQL is back."""
-    try:
-        yield
-    except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError) as e:
-        raise Unavailable(f"the store (PostgreSQL) is unreachable: {type(e).__name__}",
-                          retry_after=1.0) from None
+    @contextlib.contextmanager
+    def _unavailable_when_down(self) -> Iterator[None]:
+        """A lost or refused connection is a 503 (the transaction, if any, rolled back).
+        The pool's other connections are likely dead too: replace them all, so service
+        resumes at once when PostgreSQL is back."""
+        try:
+            yield
+        except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError) as e:
+            if self._pool is not None:
+                self._pool.expire_connections()
+            raise Unavailable(f"the store (PostgreSQL) is unreachable: {type(e).__name__}",
+                              retry_after=1.0) from None

@@ -16,7 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 async def open_upstreams(
-    agents: list[AgentConfig], session: aiohttp.ClientSession, timeout_s: float
+    agents: list[AgentConfig],
+    session: aiohttp.ClientSession,
+    timeout_s: float,
+    max_reply_bytes: int = 8 * 1024 * 1024,
 ) -> dict[str, Upstream]:
     """One upstream per agent; agents on the same URL and model share one object, and all
     local agents share the one in-process model."""
@@ -25,12 +28,14 @@ async def open_upstreams(
     for agent in agents:
         target = (agent.upstream or "local", agent.upstream_model, agent.upstream_api_key)
         if target not in by_target:
-            by_target[target] = await _open(agent, session, timeout_s)
+            by_target[target] = await _open(agent, session, timeout_s, max_reply_bytes)
         result[agent.name] = by_target[target]
     return result
 
 
-async def _open(agent: AgentConfig, session: aiohttp.ClientSession, timeout_s: float) -> Upstream:
+async def _open(
+    agent: AgentConfig, session: aiohttp.ClientSession, timeout_s: float, max_reply_bytes: int
+) -> Upstream:
     if agent.upstream in (None, "local"):
         from laneway.upstream.local import LocalUpstream, local_available
 
@@ -45,7 +50,12 @@ async def _open(agent: AgentConfig, session: aiohttp.ClientSession, timeout_s: f
         return local
     model = agent.upstream_model or await _discover_model(session, agent.upstream, agent)
     return HttpUpstream(
-        session, agent.upstream, model=model, api_key=agent.upstream_api_key, timeout_s=timeout_s
+        session,
+        agent.upstream,
+        model=model,
+        api_key=agent.upstream_api_key,
+        timeout_s=timeout_s,
+        max_reply_bytes=max_reply_bytes,
     )
 
 

@@ -30,6 +30,7 @@ class HttpUpstream:
         model: str,
         api_key: str | None,
         timeout_s: float,
+        max_reply_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.model = model
         self._session = session
@@ -42,6 +43,7 @@ class HttpUpstream:
             total=None, sock_connect=min(timeout_s, 10), sock_read=timeout_s
         )
         self._timeout_s = timeout_s
+        self._max_reply = max_reply_bytes
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         data = orjson.dumps({**body, "model": self.model})
@@ -49,7 +51,7 @@ class HttpUpstream:
             async with self._session.post(
                 self._url, data=data, headers=self._headers, timeout=self._timeout
             ) as resp:
-                payload = await resp.read()
+                payload = await self._read(resp)
                 _check_status(resp.status, payload)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"the model did not answer within {self._timeout_s:g}s") from None
@@ -77,8 +79,12 @@ class HttpUpstream:
                 self._url, data=data, headers=self._headers, timeout=self._stream_timeout
             ) as resp:
                 if resp.status != 200:
-                    _check_status(resp.status, await resp.read())
+                    _check_status(resp.status, await self._read(resp))
+                received = 0
                 async for line in resp.content:
+                    received += len(line)
+                    if received > self._max_reply:
+                        raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
                     if not line.startswith(b"data:"):
                         continue
                     payload = line[5:].strip()
@@ -100,6 +106,18 @@ class HttpUpstream:
         except aiohttp.ClientError as e:
             raise UpstreamError(f"the model's stream broke: {type(e).__name__}") from None
         raise UpstreamError("the model's stream ended before [DONE]")
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, refusing one over the reply limit before holding it all."""
+        if (resp.content_length or 0) > self._max_reply:
+            raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > self._max_reply:
+                raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def close(self) -> None:
         return None
