@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 from rich.console import Console
 
-from laneway import cli_ops, config
+from laneway import bench, cli_ops, config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -184,6 +184,7 @@ def _run(settings: config.Settings) -> None:
 
 
 cli_ops.register(app)
+bench.register(app)
 
 
 def redact(url: str) -> str:

@@ -1,0 +1,368 @@
+"""The runner: starts the scripted upstream, the load generator and the targets, runs the
+steps of a plan, and stops everything it started by PID, also on error or Ctrl-C.
+
+The machine is noisy (2 cores, shared), so a figure is never one measurement: every round
+runs each target once per scenario, in an order that rotates from round to round, and a
+result is the median over rounds of paired figures (target minus direct, target / direct
+from the same round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Self
+
+import orjson
+
+from benchmarks import phases
+from benchmarks.loadgen import Job
+from benchmarks.procs import Proc, Procs, cpu_seconds, cpu_ticks_seconds
+from benchmarks.targets import ALL, Launcher, Server
+
+PHASES = ("matrix", "handoff", "history", "stored", "rss")
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One load scenario of the latency matrix."""
+
+    concurrency: int
+    delay_ms: int
+    stream: bool
+
+    @property
+    def name(self) -> str:
+        return f"c{self.concurrency}-d{self.delay_ms}" + ("-stream" if self.stream else "")
+
+    @property
+    def label(self) -> str:
+        return f"c{self.concurrency} · {self.delay_ms} ms · {'stream' if self.stream else 'json'}"
+
+
+CELLS = tuple(Cell(c, d, s) for c in (1, 32) for d in (0, 50) for s in (False, True))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a run does; `plan()` builds the quick and full ones."""
+
+    mode: str
+    rounds: int
+    targets: tuple[str, ...]
+    phases: tuple[str, ...]
+    c1_requests: int  # c1, model delay 0
+    c1_slow_requests: int  # c1, model delay 50 ms
+    c32_requests: int
+    warm_requests: int
+    handoff_requests: int  # all on one key, 32 in flight
+    history_turns: tuple[int, int]
+    history_requests: int
+    stored_sessions: tuple[int, int]
+    stored_requests: int
+    rss_sessions: int
+    profile: bool
+
+    def requests(self, cell: Cell) -> int:
+        if cell.concurrency > 1:
+            return self.c32_requests
+        return self.c1_slow_requests if cell.delay_ms else self.c1_requests
+
+
+def plan(
+    mode: str = "quick",
+    *,
+    rounds: int | None = None,
+    targets: tuple[str, ...] = ALL,
+    only: tuple[str, ...] = PHASES,
+    profile: bool = False,
+    scale: float = 1.0,
+) -> Plan:
+    """`scale` shrinks every request count (the smoke test runs quick mode at a fraction)."""
+    for name in targets:
+        if name not in ALL:
+            raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
+    for name in only:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; known: {', '.join(PHASES)}")
+    full = mode == "full"
+
+    def n(count: int) -> int:
+        return max(4, int(count * scale))
+
+    return Plan(
+        mode=mode,
+        rounds=rounds or (5 if full else 2),
+        targets=tuple(dict.fromkeys(("direct", *targets))),  # direct is every ratio's base
+        phases=only,
+        c1_requests=n(400 if full else 60),
+        c1_slow_requests=n(60 if full else 12),
+        c32_requests=n(1600 if full else 128),
+        warm_requests=n(200 if full else 48),
+        handoff_requests=n(400 if full else 96),
+        history_turns=(10, 10_000 if full else 1_000),
+        history_requests=n(100 if full else 20),
+        stored_sessions=(1_000, 1_000_000) if full else (100, 10_000),
+        stored_requests=n(150 if full else 20),
+        rss_sessions=10_000 if full else max(64, int(300 * scale)),
+        profile=profile,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    label: str
+    run: Callable[[], None]
+
+
+class LoadGen:
+    """The load generator process, driven one job at a time over its stdin and stdout."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+
+    def submit(self, job: Job) -> None:
+        stdin = self.proc.popen.stdin
+        assert stdin is not None
+        stdin.write(orjson.dumps(dataclasses.asdict(job)) + b"\n")
+        stdin.flush()
+
+    def ready(self, timeout_s: float = 0.0) -> bool:
+        stdout = self.proc.popen.stdout
+        assert stdout is not None
+        return bool(select.select([stdout], [], [], timeout_s)[0])
+
+    def collect(self) -> dict[str, Any]:
+        stdout = self.proc.popen.stdout
+        assert stdout is not None
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load generator died:\n{self.proc.output()}")
+        result: dict[str, Any] = orjson.loads(line)
+        if "fatal" in result:
+            raise RuntimeError(f"the load generator failed: {result['fatal']}")
+        return result
+
+    def run(self, job: Job) -> dict[str, Any]:
+        self.submit(job)
+        return self.collect()
+
+
+class Bench:
+    """One run: `with Bench(plan) as bench: for step in bench.steps(): step.run()`, then
+    `bench.result()`. Leaving the block stops every process the run started."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        root: Path | None = None,
+        laneway_src: Path | None = None,
+        profile_out: Path | None = None,
+    ) -> None:
+        self.plan = plan
+        self.root = root or Path(__file__).resolve().parent.parent
+        self.workdir = Path(tempfile.mkdtemp(prefix="laneway-bench-"))
+        self.procs = Procs(self.workdir)
+        self.run_id = secrets.token_hex(3)
+        self.laneway_src = laneway_src
+        self.profile_out = profile_out
+        self.servers: dict[str, Server] = {}
+        self.skipped: dict[str, str] = {}
+        self.raw: dict[str, Any] = {"matrix": {}, "handoff": {}, "history": {}, "stored": {},
+                                    "rss": {}, "profile": {}}
+        self.started = time.time()
+        self.upstream: Proc | None = None
+        self.loadgen: LoadGen | None = None
+        self.launcher: Launcher | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        try:
+            env = {"PYTHONPATH": str(self.root)}
+            upstream = self.procs.spawn(
+                "upstream", [sys.executable, "-m", "benchmarks.upstream"], env=env, pipe=True
+            )
+            assert upstream.popen.stdout is not None
+            ready = upstream.popen.stdout.readline().decode().split()
+            if ready[:1] != ["ready"]:
+                raise RuntimeError(f"the upstream did not start:\n{upstream.output()}")
+            self.upstream = upstream
+            base = f"http://127.0.0.1:{ready[1]}"
+            self.launcher = Launcher(self.procs, self.workdir, base, self.root, self.laneway_src)
+            self.loadgen = LoadGen(
+                self.procs.spawn("loadgen", [sys.executable, "-m", "benchmarks.loadgen"],
+                                 env=env, pipe=True)
+            )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        failed = kind is not None and not issubclass(kind, KeyboardInterrupt)
+        self.close(keep_logs=failed)
+
+    def close(self, keep_logs: bool = False) -> None:
+        """Stop everything; the work directory (data dirs, logs) goes unless a step failed."""
+        try:
+            self.procs.stop_all()
+            if self.launcher is not None:
+                self.launcher.cleanup()
+        finally:
+            if keep_logs:
+                print(f"laneway bench: logs kept in {self.workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def steps(self) -> list[Step]:
+        p = self.plan
+        steps = [Step("starting targets", self._start_targets)]
+        if "matrix" in p.phases:
+            steps.append(Step("warming up", self._warm))
+            for r in range(p.rounds):
+                for cell in CELLS:
+                    steps.append(Step(f"round {r + 1}/{p.rounds} · {cell.label}",
+                                      partial(self._matrix, r, cell)))
+        if "handoff" in p.phases:
+            steps += [Step(f"hand-off · round {r + 1}/{p.rounds}", partial(phases.handoff, self, r))
+                      for r in range(p.rounds)]
+        if p.profile:
+            steps.append(Step("profiling laneway under load", partial(phases.profile, self)))
+        steps.append(Step("stopping targets", self._stop_targets))
+        embedded = "laneway" in p.targets
+        if embedded and {"history", "stored"} & set(p.phases):
+            steps.append(Step("seeding sessions", partial(phases.seed, self)))
+        for name in ("history", "stored"):
+            if embedded and name in p.phases:
+                run = getattr(phases, name)
+                steps += [Step(f"{name} · round {r + 1}/{p.rounds}", partial(run, self, r))
+                          for r in range(p.rounds)]
+        if "rss" in p.phases:
+            steps += [Step(f"peak RSS · {t}", partial(phases.rss, self, t))
+                      for t in p.targets if t != "direct"]
+        steps.append(Step("stopping", self._stop_targets))
+        return steps
+
+    def result(self) -> dict[str, Any]:
+        from benchmarks.stats import summarise
+
+        return summarise(self)
+
+    def meta(self) -> dict[str, Any]:
+        cpu = next((line.split(":", 1)[1].strip() for line in
+                    Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+        return {
+            "mode": self.plan.mode,
+            "rounds": self.plan.rounds,
+            "nproc": os.cpu_count(),
+            "cpu": cpu,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "laneway_commit": _commit(self.root),
+            "laneway_src": str(self.laneway_src or self.root / "src"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
+            "duration_s": round(time.time() - self.started, 1),
+            "targets": {t: self.skipped.get(t, "ok") for t in self.plan.targets},
+            "plan": dataclasses.asdict(self.plan),
+        }
+
+    # -- helpers used by the phases ------------------------------------------------------
+
+    def load(self, server: Server, job: Job) -> dict[str, Any]:
+        """Run `job` against `server`; adds the CPU the server and the upstream spent."""
+        assert self.loadgen is not None and self.upstream is not None
+        pid = server.proc.pid if server.proc else None
+        before = (cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+        upstream_before = cpu_seconds(self.upstream.pid)
+        services_before = sum(cpu_seconds(p) for p in server.services)
+        result = self.loadgen.run(job)
+        services = sum(cpu_seconds(p) for p in server.services) - services_before
+        after = (cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+        upstream_cpu = cpu_seconds(self.upstream.pid) - upstream_before
+        ok = max(1, result["ok"])
+        result["cpu_s"] = after[0] - before[0]
+        result["cpu_ms_per_turn"] = result["cpu_s"] * 1000 / ok
+        result["cpu_ms_per_turn_ticks"] = (after[1] - before[1]) * 1000 / ok
+        result["upstream_cpu_ms_per_call"] = upstream_cpu * 1000 / ok
+        result["services_cpu_ms_per_turn"] = services * 1000 / ok
+        return result
+
+    def job(self, server: Server, *, warm: bool = True, **kwargs: Any) -> Job:
+        return Job(url=server.chat_url, warm_url=server.models_url if warm else "", **kwargs)
+
+    def running(self, names: tuple[str, ...] = ALL) -> list[str]:
+        return [t for t in self.plan.targets if t in names and t in self.servers]
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _start_targets(self) -> None:
+        """Start every target that can run here; record why the others cannot."""
+        assert self.launcher is not None
+        for name in self.plan.targets:
+            reason = self.launcher.unavailable(name)
+            if reason is None:
+                try:
+                    self.servers[name] = self.launcher.start(name)
+                except RuntimeError as e:
+                    if name == "laneway":
+                        raise
+                    reason = f"did not start: {_last_line(str(e))}"
+            if reason is not None:
+                self.skipped[name] = reason
+        if not ({"matrix", "handoff"} & set(self.plan.phases) or self.plan.profile):
+            self._stop_targets()
+
+    def _warm(self) -> None:
+        for name in self.running():
+            server = self.servers[name]
+            self.load(server, self.job(server, requests=self.plan.warm_requests, concurrency=8,
+                                       key=f"{self.run_id}-warm-{name}"))
+
+    def _matrix(self, r: int, cell: Cell) -> None:
+        names = self.running()
+        names = names[r % len(names):] + names[: r % len(names)]
+        for name in names:
+            server = self.servers[name]
+            job = self.job(server, requests=self.plan.requests(cell),
+                           concurrency=cell.concurrency, stream=cell.stream,
+                           delay_ms=cell.delay_ms, key=f"{self.run_id}-{name}-{cell.name}-r{r}")
+            result = self.load(server, job)
+            self.raw["matrix"].setdefault(cell.name, {}).setdefault(name, []).append(result)
+
+    def _stop_targets(self) -> None:
+        assert self.launcher is not None
+        for name, server in list(self.servers.items()):
+            if name != "direct":
+                self.launcher.stop(server)
+        self.servers = {"direct": self.launcher.direct()}
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else text[:200]
+
+
+def _commit(path: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
+                             check=False, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"

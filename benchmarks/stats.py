@@ -1,0 +1,223 @@
+"""From raw per-round measurements to results: medians over rounds of paired figures (each
+target against direct in the same round), and the rows of the results tables.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.runner import Bench
+
+Rows = list[tuple[str, dict[str, str]]]
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def _paired(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str, op: str) -> float:
+    pairs = list(zip(runs, base))
+    if op == "-":
+        return median([t[key] - d[key] for t, d in pairs])
+    return median([_ratio(t[key], d[key]) for t, d in pairs])
+
+
+def _cells(matrix: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cell, by_target in matrix.items():
+        direct = by_target.get("direct", [])
+        out[cell] = {}
+        for target, runs in by_target.items():
+            figures: dict[str, Any] = {k: median([r[k] for r in runs]) for k in
+                       ("p50_ms", "p99_ms", "rps", "ttft_p50_ms", "cpu_ms_per_turn",
+                        "upstream_cpu_ms_per_call", "services_cpu_ms_per_turn")}
+            figures["errors"] = sum(r["errors"] for r in runs)
+            figures["first_error"] = next((r["first_error"] for r in runs if r["errors"]), "")
+            if target != "direct":
+                figures["added_p50_ms"] = _paired(runs, direct, "p50_ms", "-")
+                figures["added_p99_ms"] = _paired(runs, direct, "p99_ms", "-")
+                figures["added_ttft_p50_ms"] = _paired(runs, direct, "ttft_p50_ms", "-")
+                figures["throughput_ratio"] = _paired(runs, direct, "rps", "/")
+            out[cell][target] = figures
+    return out
+
+
+def _pooled_cpu(matrix: dict[str, dict[str, list[dict[str, Any]]]], target: str) -> float:
+    """CPU over every matrix run of a round / turns of that round; median over rounds."""
+    rounds: dict[int, list[float]] = {}
+    for by_target in matrix.values():
+        for r, run in enumerate(by_target.get(target, [])):
+            cpu, ok = rounds.setdefault(r, [0.0, 0.0])
+            rounds[r] = [cpu + run["cpu_s"], ok + run["ok"]]
+    return median([cpu * 1000 / ok for cpu, ok in rounds.values() if ok])
+
+
+def _versus(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of each side, and of the per-round ratios b / a."""
+    out: dict[str, Any] = {}
+    for key in ("cpu_ms_per_turn", "p50_ms", "p99_ms"):
+        out[key] = [median([r[key] for r in a]), median([r[key] for r in b])]
+        out[key.replace("_ms", "").replace("_per_turn", "") + "_ratio"] = _paired(b, a, key, "/")
+    out["first_ms"] = [a[0]["first_ms"], b[0]["first_ms"]] if a and b else [0.0, 0.0]
+    out["errors"] = sum(r["errors"] for r in a + b)
+    return out
+
+
+def summarise(bench: Bench) -> dict[str, Any]:
+    raw = bench.raw
+    cells = _cells(raw["matrix"])
+    summary: dict[str, Any] = {}
+    for target in bench.plan.targets:
+        if target in bench.skipped:
+            continue
+        s: dict[str, Any] = {}
+        if raw["matrix"]:
+            s["cpu_ms_per_turn"] = _pooled_cpu(raw["matrix"], target)
+            s["cells"] = {cell: figures[target] for cell, figures in cells.items()
+                          if target in figures}
+        if target in raw["handoff"]:
+            runs = raw["handoff"][target]
+            s["handoff"] = {k: median([r[k] for r in runs]) for k in
+                            ("gap_p50_ms", "gap_p90_ms", "period_ms", "cpu_ms_per_turn")}
+            s["handoff"]["errors"] = sum(r["errors"] for r in runs)
+        if target in raw["rss"]:
+            s["rss"] = raw["rss"][target]
+        summary[target] = s
+    result: dict[str, Any] = {"meta": bench.meta(), "summary": summary}
+    if raw["history"]:
+        h = raw["history"]
+        result["history"] = {"turns": list(bench.plan.history_turns),
+                             **_versus(h["short"], h["long"])}
+    if raw["stored"]:
+        st = raw["stored"]
+        result["stored"] = {"sessions": list(bench.plan.stored_sessions),
+                            "new": _versus(st["small"]["new"], st["large"]["new"]),
+                            "cold": _versus(st["small"]["cold"], st["large"]["cold"])}
+    if raw["profile"]:
+        result["profile"] = raw["profile"]
+    result["errors"] = _errors(result)
+    return result
+
+
+def _errors(result: dict[str, Any]) -> int:
+    total = 0
+    for s in result["summary"].values():
+        total += sum(c["errors"] for c in s.get("cells", {}).values())
+        total += s.get("handoff", {}).get("errors", 0) + s.get("rss", {}).get("errors", 0)
+    for part in ("history",):
+        total += result.get(part, {}).get("errors", 0)
+    for side in ("new", "cold"):
+        total += result.get("stored", {}).get(side, {}).get("errors", 0)
+    return total
+
+
+# -- tables ------------------------------------------------------------------------------
+
+_LATENCY = [("c1-d0", "c1 · 0 ms"), ("c1-d0-stream", "c1 · 0 ms · stream"),
+            ("c1-d50", "c1 · 50 ms"), ("c1-d50-stream", "c1 · 50 ms · stream"),
+            ("c32-d0", "c32 · 0 ms"), ("c32-d0-stream", "c32 · 0 ms · stream"),
+            ("c32-d50", "c32 · 50 ms"), ("c32-d50-stream", "c32 · 50 ms · stream")]
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}"
+
+
+def main_rows(result: dict[str, Any]) -> tuple[list[str], Rows]:
+    """(targets, rows) of the comparison table; direct shows absolute latencies."""
+    summary = result["summary"]
+    targets = list(summary)
+    rows: Rows = []
+
+    def row(label: str, make: Any) -> None:
+        cells = {t: make(t, summary[t]) for t in targets}
+        if any(v not in ("", "—") for v in cells.values()):
+            rows.append((label, cells))
+
+    def cell(name: str) -> Any:
+        return lambda t, s: s.get("cells", {}).get(name)
+
+    row("gateway CPU ms / turn, all cells",
+        lambda t, s: "—" if t == "direct" or "cpu_ms_per_turn" not in s
+        else _f(s["cpu_ms_per_turn"]))
+    row("gateway CPU ms / turn, c32 · 50 ms",
+        lambda t, s: "—" if t == "direct" or not cell("c32-d50")(t, s)
+        else _f(cell("c32-d50")(t, s)["cpu_ms_per_turn"]))
+    row("PostgreSQL + Redis CPU ms / turn, c32 · 50 ms",
+        lambda t, s: f"{cell('c32-d50')(t, s)['services_cpu_ms_per_turn']:.2f}"
+        if t == "laneway-pg-redis" and cell("c32-d50")(t, s) else "")
+    for name, label in _LATENCY:
+        def latency(t: str, s: dict[str, Any], name: str = name) -> str:
+            c = s.get("cells", {}).get(name)
+            if c is None:
+                return ""
+            if t == "direct":
+                return f"({_f(c['p50_ms'])} / {_f(c['p99_ms'])})"
+            return f"{c['added_p50_ms']:+.2f} / {c['added_p99_ms']:+.2f}"
+        row(f"added p50 / p99 ms, {label}", latency)
+    for name, label in (("c32-d50", "c32 · 50 ms · 32 keys"),
+                        ("c32-d50-stream", "c32 · 50 ms · 32 keys · stream")):
+        row(f"throughput ratio vs direct, {label}",
+            lambda t, s, name=name: "1.00" if t == "direct" and cell(name)(t, s)
+            else (_f(cell(name)(t, s)["throughput_ratio"]) if cell(name)(t, s) else ""))
+    for name, label in (("c1-d0-stream", "c1 · 0 ms"), ("c1-d50-stream", "c1 · 50 ms"),
+                        ("c32-d50-stream", "c32 · 50 ms")):
+        def ttft(t: str, s: dict[str, Any], name: str = name) -> str:
+            c = s.get("cells", {}).get(name)
+            if c is None:
+                return ""
+            return f"({_f(c['ttft_p50_ms'])})" if t == "direct" else \
+                f"{c['added_ttft_p50_ms']:+.2f}"
+        row(f"time to first token added p50 ms, {label}", ttft)
+    row("lane hand-off ms (model-side gap p50), one key, 32 queued",
+        lambda t, s: "" if "handoff" not in s else
+        (f"({_f(s['handoff']['gap_p50_ms'])} client loop)" if t == "direct"
+         else _f(s["handoff"]["gap_p50_ms"])))
+    row("RSS MiB idle → peak, sessions opened (requests in flight at once)",
+        lambda t, s: "" if "rss" not in s else
+        f"{s['rss']['idle_mb']:.0f} → {s['rss']['peak_mb']:.0f}, "
+        f"{s['rss']['sessions']:,} ({s['rss']['in_flight']:,})"
+        + (f", {s['rss']['errors']:,} failed" if s["rss"]["errors"] else ""))
+    return targets, rows
+
+
+def scale_rows(result: dict[str, Any]) -> Rows:
+    """laneway embedded: per-turn cost against history length and stored sessions."""
+    rows: Rows = []
+
+    def add(label: str, v: dict[str, Any]) -> None:
+        for key, what in (("cpu_ms_per_turn", "CPU ms / turn"), ("p50_ms", "p50 ms")):
+            a, b = v[key]
+            ratio = v[key.replace("_ms", "").replace("_per_turn", "") + "_ratio"]
+            rows.append((f"{label}: {what}", {"a": _f(a), "b": _f(b), "ratio": _f(ratio)}))
+
+    if "history" in result:
+        h = result["history"]
+        add(f"session of {h['turns'][0]:,} vs {h['turns'][1]:,} turns", h)
+        a, b = h["first_ms"]
+        rows.append(("  first (cold) turn ms", {"a": _f(a), "b": _f(b), "ratio": _f(_ratio(b, a))}))
+    if "stored" in result:
+        st = result["stored"]
+        small, large = st["sessions"]
+        add(f"{small:,} vs {large:,} stored sessions, new keys", st["new"])
+        add(f"{small:,} vs {large:,} stored sessions, first touch of a stored one", st["cold"])
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    targets, rows = main_rows(result)
+    lines = ["| | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(v[t] for t in targets) + " |"
+              for label, v in rows]
+    extra = scale_rows(result)
+    if extra:
+        lines += ["", "| laneway embedded | a | b | b / a |", "|---|---|---|---|"]
+        lines += [f"| {label.strip()} | {v['a']} | {v['b']} | {v['ratio']} |"
+                  for label, v in extra]
+    return "\n".join(lines) + "\n"

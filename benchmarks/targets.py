@@ -1,0 +1,158 @@
+"""The servers a run compares, each in front of the one scripted upstream:
+
+  direct            the upstream itself (the baseline: what a client without a gateway sees)
+  bare              `benchmarks/passthrough.py`, the floor
+  laneway           `laneway serve`, embedded: SQLite + in-process lanes
+  laneway-pg-redis  `laneway serve --store postgresql://... --lanes redis://...?prefix=P`,
+                    once that backend exists (a run that cannot start it says so and leaves
+                    it out); a database of its own, dropped at the end, and a random Redis
+                    key prefix, whose keys are deleted at the end
+  litellm           LiteLLM's proxy, when it is importable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.procs import Proc, Procs, free_port, roots, wait_http
+
+ALL = ("direct", "bare", "laneway", "laneway-pg-redis", "litellm")
+LANEWAY = ("laneway", "laneway-pg-redis")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/0"
+SERVICES = frozenset({"postgres", "redis-server"})
+
+
+@dataclass
+class Server:
+    name: str
+    base: str  # http://127.0.0.1:PORT
+    proc: Proc | None  # None: direct, no gateway process to charge
+    ready_path: str = "/v1/models"
+    #: Shared services the target works through (PostgreSQL, Redis): their CPU is reported
+    #: apart, as it also counts whatever else uses them meanwhile.
+    services: list[int] = field(default_factory=list)
+
+    @property
+    def chat_url(self) -> str:
+        return self.base + "/v1/chat/completions"
+
+    @property
+    def models_url(self) -> str:
+        return self.base + "/v1/models"
+
+
+@dataclass
+class Launcher:
+    """Starts targets in front of `upstream` (http://HOST:PORT, no /v1)."""
+
+    procs: Procs
+    workdir: Path
+    upstream: str
+    root: Path  # the directory holding `benchmarks/`
+    laneway_src: Path | None = None  # run `laneway serve` from this source tree instead
+    databases: list[str] = field(default_factory=list)  # Postgres databases to drop at the end
+    redis_prefix: str = field(default_factory=lambda: f"laneway-bench-{secrets.token_hex(4)}:")
+    redis_used: bool = False
+
+    def direct(self) -> Server:
+        return Server("direct", self.upstream, None)
+
+    def start(self, name: str, tag: str = "") -> Server:
+        """Start target `name`; `tag` tells several instances of one target apart."""
+        label = f"{name}{'-' + tag if tag else ''}"
+        if name == "direct":
+            return self.direct()
+        if name == "bare":
+            port = free_port()
+            argv = [sys.executable, "-m", "benchmarks.passthrough", "--upstream", self.upstream,
+                    "--port", str(port)]
+            proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(self.root)})
+            return self._ready(Server(name, f"http://127.0.0.1:{port}", proc))
+        if name == "laneway":
+            return self.laneway(label, self.workdir / label)
+        if name == "laneway-pg-redis":
+            database = f"laneway_bench_{secrets.token_hex(4)}"
+            _postgres(f"CREATE DATABASE {database}")
+            self.databases.append(database)
+            extra = ["--store", f"postgresql://postgres@127.0.0.1:5432/{database}",
+                     "--lanes", f"{REDIS}?prefix={self.redis_prefix}"]
+            self.redis_used = True
+            server = self.laneway(label, self.workdir / label, extra)
+            server.services = roots(SERVICES)
+            return server
+        if name == "litellm":
+            port = free_port()
+            argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--host", "127.0.0.1",
+                    "--port", str(port), "--model", "openai/bench", "--api_base",
+                    self.upstream + "/v1", "--num_workers", "1"]
+            proc = self.procs.spawn(label, argv, env={"OPENAI_API_KEY": "bench"})
+            return self._ready(Server(name, f"http://127.0.0.1:{port}", proc), timeout_s=120)
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
+
+    def laneway(self, label: str, data_dir: Path, extra: list[str] | None = None) -> Server:
+        port = free_port()
+        argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
+                "--data-dir", str(data_dir), "--upstream", self.upstream + "/v1",
+                "--upstream-model", "bench", "--max-queue-depth", "100000",
+                "--log-level", "warning", *(extra or [])]
+        proc = self.procs.spawn(label, argv, env=self._laneway_env())
+        return self._ready(Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz"))
+
+    def stop(self, server: Server) -> None:
+        if server.proc is not None:
+            self.procs.stop(server.proc)
+
+    def unavailable(self, name: str) -> str | None:
+        """Why target `name` cannot run here, or None; cheap checks only (see `start`)."""
+        if name == "litellm" and importlib.util.find_spec("litellm") is None:
+            return "LiteLLM is not installed (pip install 'litellm[proxy]')"
+        if name == "laneway-pg-redis":
+            try:
+                _postgres("SELECT 1")
+            except Exception as e:  # noqa: BLE001 - any failure means: no Postgres to use
+                return f"no PostgreSQL at {PG_ADMIN}: {type(e).__name__}"
+        return None
+
+    def cleanup(self) -> None:
+        """Drop the Postgres databases and delete the Redis keys this run created."""
+        for database in self.databases:
+            _postgres(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        self.databases.clear()
+        if self.redis_used:
+            import redis
+
+            client = redis.Redis.from_url(REDIS)
+            try:
+                keys = list(client.scan_iter(match=self.redis_prefix + "*", count=1000))
+                for i in range(0, len(keys), 1000):
+                    client.delete(*keys[i : i + 1000])
+            finally:
+                client.close()
+            self.redis_used = False
+
+    def _laneway_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.laneway_src)} if self.laneway_src else {}
+
+    def _ready(self, server: Server, timeout_s: float = 60.0) -> Server:
+        assert server.proc is not None
+        wait_http(server.proc, server.base + server.ready_path, timeout_s)
+        return server
+
+
+def _postgres(statement: str) -> None:
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())

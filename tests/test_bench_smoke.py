@@ -1,0 +1,96 @@
+"""`laneway bench` runs end to end (quick mode, one round, a fraction of the requests) and
+writes complete, sane results. No timing thresholds: the figures belong to the machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = ("c1-d0", "c1-d0-stream", "c1-d50", "c1-d50-stream",
+         "c32-d0", "c32-d0-stream", "c32-d50", "c32-d50-stream")
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "laneway", "bench", "--quick", "--rounds", "1", "--scale", "0.25",
+         "--targets", "direct,bare,laneway", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.with_suffix(".md").read_text().startswith("| | direct | bare | laneway |")
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_every_target_ran_without_errors(result: dict[str, Any]) -> None:
+    assert result["meta"]["targets"] == {"direct": "ok", "bare": "ok", "laneway": "ok"}
+    assert result["errors"] == 0
+    assert result["meta"]["nproc"] >= 1 and result["meta"]["python"]
+
+
+def test_latency_matrix_is_complete(result: dict[str, Any]) -> None:
+    for target in ("direct", "bare", "laneway"):
+        s = result["summary"][target]
+        assert set(s["cells"]) == set(CELLS), target
+        for name, c in s["cells"].items():
+            assert positive(c["p50_ms"]) and c["p99_ms"] >= c["p50_ms"], (target, name)
+            assert positive(c["rps"]), (target, name)
+            if name.endswith("stream"):
+                assert positive(c["ttft_p50_ms"]), (target, name)
+            if target != "direct":
+                assert positive(c["cpu_ms_per_turn"]), (target, name)
+                assert positive(c["throughput_ratio"]), (target, name)
+                for key in ("added_p50_ms", "added_p99_ms", "added_ttft_p50_ms"):
+                    assert finite(c[key]), (target, name, key)
+        if target != "direct":
+            assert positive(s["cpu_ms_per_turn"])
+
+
+def test_handoff_history_store_and_memory(result: dict[str, Any]) -> None:
+    assert positive(result["summary"]["laneway"]["handoff"]["gap_p50_ms"])
+    assert positive(result["summary"]["direct"]["handoff"]["gap_p50_ms"])
+    for target in ("bare", "laneway"):
+        rss = result["summary"][target]["rss"]
+        assert rss["peak_mb"] >= rss["idle_mb"] > 0 and rss["connections"] > 0
+        assert rss["sessions"] >= rss["in_flight"]
+    history = result["history"]
+    assert history["turns"] == [10, 1000]
+    for part in (history, result["stored"]["new"], result["stored"]["cold"]):
+        assert positive(part["cpu_ratio"]) and positive(part["p50_ratio"])
+        assert all(positive(v) for v in part["cpu_ms_per_turn"] + part["p50_ms"])
+
+
+def test_profile_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.phases import summarise_profile
+
+    raw = (
+        "run (asyncio/runners.py:118);handle (/x/src/laneway/service.py:12) 3\n"
+        "run (asyncio/runners.py:118);dumps (/v/lib/python3.11/site-packages/orjson/x.py:1) 1\n"
+    )
+    summary = summarise_profile(raw)
+    assert summary["samples"] == 4
+    assert summary["top_self"][0] == {
+        "function": "handle (laneway/service.py)", "samples": 3, "percent": 75.0
+    }
+    assert summary["top_inclusive"] == [
+        {"function": "handle (laneway/service.py)", "samples": 3, "percent": 75.0}
+    ]
+    assert [p["function"] for p in summary["by_package"]] == ["laneway", "orjson"]
