@@ -9,14 +9,15 @@ from laneway.agent import context
 from laneway.agent.loop import INTERRUPTED_TOOL, AgentLoop, TurnInput
 from laneway.config import AgentConfig
 from laneway.errors import BadRequest, ContextTooLong
-from laneway.store.base import SessionRef, SessionState, StoredMessage
+from laneway.store.base import SessionRef, SessionState
+from laneway.store.tail import Tail
 
 CALLS = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
          {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
 
 
-def _stored(*messages: dict[str, object], tokens: int = 10) -> list[StoredMessage]:
-    return [StoredMessage(i, dict(m), tokens) for i, m in enumerate(messages)]
+def _stored(*messages: dict[str, object], tokens: int = 10) -> Tail:
+    return Tail([dict(m) for m in messages], [tokens] * len(messages))
 
 
 def test_close_open_calls() -> None:
@@ -64,8 +65,11 @@ def test_window_cuts_before_a_user_message() -> None:
         {"role": "user", "content": "2"},
         {"role": "assistant", "content": "b"},
     )
-    assert [m["content"] for m in context.window(tail, 30)] == ["2", "b"]
-    assert len(context.window(tail, 60)) == 6
-    assert context.window(tail, 5) == []
+    assert [m["content"] for m in tail.window(30)] == ["2", "b"]
+    assert len(tail.window(60)) == 6
+    assert tail.window(5) == []
+    assert [m["content"] for m in tail.window(60, must_start_by=1)][0] == "1"
     with pytest.raises(ContextTooLong):
-        context.window(tail, 15, must_start_by=1)
+        tail.window(15, must_start_by=1)
+    tail.trim(25)
+    assert [m["content"] for m in tail.messages] == ["2", "b"] and tail.tokens == 20

@@ -65,7 +65,7 @@ async def test_migrations_match_schema(store: SqlStore, db_url: str) -> None:
 async def test_commit_creates_then_appends(store: SqlStore) -> None:
     ref = SessionRef("t", "default", "k")
     state = await store.load(ref, fence=1, window_tokens=1000)
-    assert state.revision == 0 and state.tail == []
+    assert state.revision == 0 and len(state.tail) == 0
     assert await store.session_info(ref) is None, "a claimed, empty session is not shown"
     await store.commit(state, _turn(1, "one"), fence=1)
     assert state.revision == 1 and state.turns == 1 and state.next_seq == 2
@@ -101,7 +101,7 @@ async def test_stale_fence_writes_nothing(db_url: str) -> None:
         contents = [m["content"] for m in await b.transcript(ref, 10)]
         assert contents == (["one", "re one"] if key == "old" else []) + ["two", "re two"]
         reread = await a.load(ref, fence=13, window_tokens=1000)  # revision moved: tail refreshed
-        assert [m.message["content"] for m in reread.tail] == contents
+        assert [m["content"] for m in reread.tail.messages] == contents
     await a.close()
     await b.close()
 
@@ -111,14 +111,14 @@ async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, db_url: str
     state = await store.load(ref, fence=1, window_tokens=200)
     for i in range(60):
         await store.commit(state, _turn(i, f"message number {i} " + "pad " * 10), fence=1)
-    assert state.tail_tokens <= 2 * 200 + 50
-    assert state.tail[0].message["role"] == "user"
+    assert state.tail.tokens <= 2 * 200 + 50
+    assert state.tail.messages[0]["role"] == "user"
     cold = SqlStore(db_url)
     await cold.open()
     loaded = await cold.load(ref, fence=2, window_tokens=200)
     assert loaded.turns == 60 and loaded.next_seq == 120
-    assert sum(m.tokens for m in loaded.tail) >= 200
-    assert loaded.tail[-1].message["content"] == "re message number 59 " + "pad " * 10
+    assert loaded.tail.tokens >= 200
+    assert loaded.tail.messages[-1]["content"] == "re message number 59 " + "pad " * 10
     await cold.close()
 
 

@@ -346,10 +346,7 @@ class TurnService:
         if scope is None or agent.recall_limit <= 0:
             return []
         query = " ".join(_text(m["content"]) for m in inp.new_input if m["role"] == "user")
-        pinned = await self.store.pinned_memories(scope, agent.recall_limit)
-        found = await self.store.search_memories(scope, query, agent.recall_limit)
-        seen = {m.id for m in pinned}
-        return pinned + [m for m in found if m.id not in seen]
+        return await self.store.recall(scope, query, agent.recall_limit)
 
     async def _commit(
         self,

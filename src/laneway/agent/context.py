@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from laneway.errors import BadRequest, ContextTooLong
-from laneway.store.base import Memory, Message, StoredMessage
+from laneway.store.base import Memory, Message
+from laneway.store.tail import Tail
 from laneway.tokens import estimate_message
 
 ABANDONED_RESULT = "The client did not return a result for this tool call."
@@ -31,12 +32,12 @@ def memory_context(memories: Sequence[Memory]) -> Message | None:
     }
 
 
-def pending_tool_calls(tail: Sequence[StoredMessage]) -> dict[str, int]:
+def pending_tool_calls(tail: Sequence[Message]) -> dict[str, int]:
     """Client tool calls of the last assistant message still waiting for a result:
     {call id: index in tail of the assistant message}."""
     answered: set[str] = set()
     for i in range(len(tail) - 1, -1, -1):
-        message = tail[i].message
+        message = tail[i]
         role = message.get("role")
         if role == "tool":
             answered.add(message.get("tool_call_id", ""))
@@ -95,42 +96,18 @@ def merge_input(pending: dict[str, int], new_input: Sequence[Message]) -> list[M
     return [*results, *synthetic, *rest]
 
 
-def window(
-    tail: Sequence[StoredMessage], budget: int, must_start_by: int | None = None
-) -> list[Message]:
-    """The newest whole turns of `tail` that fit `budget` tokens, oldest dropped first.
-
-    A cut only falls just before a user message, so no tool result is separated from its
-    call. `must_start_by` (a tail index) must be inside the window (an open tool call).
-    """
-    used = 0
-    cut = len(tail)
-    for i in range(len(tail) - 1, -1, -1):
-        used += tail[i].tokens
-        if used > budget:
-            break
-        if tail[i].message.get("role") == "user":
-            cut = i
-    if must_start_by is not None and cut > must_start_by:
-        start = must_start_by
-        while start > 0 and tail[start].message.get("role") != "user":
-            start -= 1
-        if sum(m.tokens for m in tail[start:]) > budget:
-            raise ContextTooLong("the open tool call no longer fits the context budget")
-        cut = start
-    return [m.message for m in tail[cut:]]
-
-
 def build(
     *,
     head: Sequence[Message],
-    tail: Sequence[StoredMessage],
+    tail: Tail,
     turn_messages: Sequence[Message],
     context_tokens: int,
     reserve_tokens: int,
     must_start_by: int | None,
-) -> list[Message]:
-    """`head` (instructions and memories) + the windowed transcript + this turn so far."""
+    encoded: bool = False,
+) -> tuple[list[Any], int]:
+    """`head` (instructions and memories) + the windowed transcript + this turn so far, and
+    the estimated prompt tokens. With `encoded`, the transcript part is pre-encoded JSON."""
     fixed = sum(map(estimate_message, head)) + sum(map(estimate_message, turn_messages))
     budget = context_tokens - reserve_tokens - fixed
     if budget < 0:
@@ -139,7 +116,9 @@ def build(
             f"this agent's context budget is {context_tokens}",
             param="messages",
         )
-    return [*head, *window(tail, budget, must_start_by), *turn_messages]
+    cut = tail.cut(budget, must_start_by)
+    window = tail.encoded[cut:] if encoded else tail.messages[cut:]
+    return [*head, *window, *turn_messages], fixed + tail.tokens_from(cut)
 
 
 def client_view(message: Message, builtin: frozenset[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from laneway.agent.tools import BUILTIN_NAMES, BUILTIN_TOOLS, ToolContext, run_b
 from laneway.config import AgentConfig
 from laneway.errors import UpstreamError
 from laneway.store.base import Memory, Message, SessionState
-from laneway.tokens import estimate_message, estimate_text
+from laneway.tokens import estimate_text
 from laneway.upstream.base import Upstream
 
 #: Receives ("delta", text) and ("tool_calls", [call, ...]) while a streamed turn runs.
@@ -53,7 +53,7 @@ class AgentLoop:
         self.upstream = upstream
         self.state = state
         self.inp = inp
-        self.pending = context.pending_tool_calls(state.tail)
+        self.pending = context.pending_tool_calls(state.tail.messages)
         #: The turn's transcript so far and the reply being streamed: what an
         #: interrupted turn keeps (see `salvage`).
         self.messages: list[Message] = context.merge_input(self.pending, inp.new_input)
@@ -88,17 +88,16 @@ class AgentLoop:
         )
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for iteration in range(agent.max_tool_iterations + 1):
-            body: dict[str, Any] = {
-                **inp.params,
-                "messages": context.build(
-                    head=head,
-                    tail=state.tail,
-                    turn_messages=turn,
-                    context_tokens=agent.context_tokens,
-                    reserve_tokens=reserve,
-                    must_start_by=min(pending.values()) if pending else None,
-                ),
-            }
+            messages, prompt_tokens = context.build(
+                head=head,
+                tail=state.tail,
+                turn_messages=turn,
+                context_tokens=agent.context_tokens,
+                reserve_tokens=reserve,
+                must_start_by=min(pending.values()) if pending else None,
+                encoded=self.upstream.takes_encoded,
+            )
+            body: dict[str, Any] = {**inp.params, "messages": messages}
             last = iteration == agent.max_tool_iterations
             if offered:
                 body["tools"] = offered
@@ -108,9 +107,9 @@ class AgentLoop:
                     body["tool_choice"] = inp.tool_choice
             self.partial = []
             if emit is None:
-                assistant, finish, used = await self._complete(body)
+                assistant, finish, used = await self._complete(body, prompt_tokens)
             else:
-                assistant, finish, used = await self._stream(body, emit)
+                assistant, finish, used = await self._stream(body, emit, prompt_tokens)
             self.partial = []
             for name in usage:
                 usage[name] += used.get(name, 0)
@@ -141,15 +140,19 @@ class AgentLoop:
                                   "tool_calls", usage, "awaiting_tools")
         raise AssertionError("unreachable: the last iteration offers no tool")
 
-    async def _complete(self, body: dict[str, Any]) -> tuple[Message, str, dict[str, int]]:
+    async def _complete(
+        self, body: dict[str, Any], prompt_tokens: int
+    ) -> tuple[Message, str, dict[str, int]]:
         response = await self.upstream.complete(body)
         choice = response["choices"][0]
         message = choice["message"]
         assistant = _assistant(message.get("content"), message.get("tool_calls"))
-        usage = response.get("usage") or _estimate_usage(body, assistant)
+        usage = response.get("usage") or _estimate_usage(prompt_tokens, assistant)
         return assistant, choice.get("finish_reason") or "stop", usage
 
-    async def _stream(self, body: dict[str, Any], emit: Emit) -> tuple[Message, str, dict[str, int]]:
+    async def _stream(
+        self, body: dict[str, Any], emit: Emit, prompt_tokens: int
+    ) -> tuple[Message, str, dict[str, int]]:
         parts = self.partial
         calls: dict[int, dict[str, Any]] = {}
         finish = "stop"
@@ -172,7 +175,7 @@ class AgentLoop:
                 finish = choice["finish_reason"]
         content = "".join(parts) if parts else None
         assistant = _assistant(content, [calls[i] for i in sorted(calls)] or None)
-        return assistant, finish, usage or _estimate_usage(body, assistant)
+        return assistant, finish, usage or _estimate_usage(prompt_tokens, assistant)
 
 
 def _assistant(content: Any, tool_calls: Any) -> Message:
@@ -210,8 +213,7 @@ def _merge_call(calls: dict[int, dict[str, Any]], piece: dict[str, Any]) -> None
     call["function"]["arguments"] += function.get("arguments") or ""
 
 
-def _estimate_usage(body: dict[str, Any], assistant: Message) -> dict[str, int]:
-    prompt = sum(map(estimate_message, body["messages"]))
+def _estimate_usage(prompt: int, assistant: Message) -> dict[str, int]:
     completion = estimate_text(assistant.get("content") or "")
     return {
         "prompt_tokens": prompt,

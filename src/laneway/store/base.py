@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from laneway.store.tail import Tail
+
 Message = dict[str, Any]
 
 
@@ -23,13 +25,6 @@ class SessionRef:
     tenant: str
     agent: str
     key: str
-
-
-@dataclass(slots=True)
-class StoredMessage:
-    seq: int
-    message: Message
-    tokens: int
 
 
 @dataclass(slots=True)
@@ -46,8 +41,7 @@ class SessionState:
     next_seq: int = 0
     turns: int = 0
     created_at: float = 0.0
-    tail: list[StoredMessage] = field(default_factory=list)
-    tail_tokens: int = 0
+    tail: Tail = field(default_factory=Tail)
     #: The context budget the tail must cover; the cache keeps at most twice that.
     window_tokens: int = 0
 
@@ -114,6 +108,9 @@ class Store(Protocol):
         nothing written) if the session was claimed by a newer fence."""
 
     async def search_memories(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]: ...
+
+    async def recall(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]:
+        """Pinned memories, then those matching `query` (lexical search)."""
 
     async def pinned_memories(self, scope: MemoryScope, limit: int) -> list[Memory]: ...
 

@@ -23,9 +23,9 @@ from laneway.store.base import (
     SessionState,
     SessionSummary,
     StaleFence,
-    StoredMessage,
     TurnRecord,
 )
+from laneway.store.tail import Tail
 from laneway.store.driver import Conn, Driver, Row
 from laneway.store.statements import Statements
 from laneway.tokens import estimate_message
@@ -64,6 +64,8 @@ class SqlStore:
         self.sql = Statements(self.driver.dialect)
         self.exclusive = exclusive
         self._cache: OrderedDict[SessionRef, SessionState] = OrderedDict()
+        #: Exclusive mode: whether a memory scope has any memory (skips recall queries).
+        self._has_memories: dict[MemoryScope, bool] = {}
         self._cache_size = cache_sessions
 
     async def open(self) -> None:
@@ -97,7 +99,6 @@ class SqlStore:
                                      window_tokens=window_tokens)
                 if revision:
                     state.tail = await self._tail(conn, sid, window_tokens)
-                    state.tail_tokens = sum(m.tokens for m in state.tail)
         self._remember(state)
         return state
 
@@ -105,15 +106,16 @@ class SqlStore:
         assert state.id is not None, "commit a state that `load` returned"
         now = turn.finished_at
         added = len(turn.messages)
+        encoded = [orjson.dumps(m) for m in turn.messages]
         rows = [
             {
                 "session_id": state.id,
                 "seq": state.next_seq + i,
                 "turn_id": turn.id,
-                "data": orjson.dumps(m).decode(),
+                "data": data.decode(),
                 "tokens": estimate_message(m),
             }
-            for i, m in enumerate(turn.messages)
+            for i, (m, data) in enumerate(zip(turn.messages, encoded))
         ]
         sql = self.sql
         async with self.driver.transaction() as conn:
@@ -127,6 +129,9 @@ class SqlStore:
                 await conn.executemany(sql.insert_message, rows)
             if turn.memories:
                 owner = state.id if turn.memory_scope == "session" else None
+                self._remember_memories(
+                    MemoryScope(state.ref.tenant, state.ref.agent, owner), True
+                )
                 await conn.executemany(
                     sql.insert_memory,
                     [
@@ -138,12 +143,13 @@ class SqlStore:
         state.revision += 1
         state.turns += 1
         state.tail.extend(
-            StoredMessage(r["seq"], _for_model(m), r["tokens"]) for r, m in zip(rows, turn.messages)
+            map(_for_model, turn.messages),
+            (r["tokens"] for r in rows),
+            (None if "interrupted" in m else data for m, data in zip(turn.messages, encoded)),
         )
-        state.tail_tokens += sum(r["tokens"] for r in rows)
         state.next_seq += added
-        if state.tail_tokens > 2 * state.window_tokens:
-            _trim(state)
+        if state.tail.tokens > 2 * state.window_tokens:
+            state.tail.trim(state.window_tokens)
 
     # -- memories ----------------------------------------------------------------------
 
@@ -154,6 +160,29 @@ class SqlStore:
         async with self.driver.connect() as conn:
             return _memories(await conn.search(scope, terms, limit))
 
+    async def recall(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]:
+        """Pinned memories, then those matching `query`. A process that is the only writer
+        remembers which scopes have no memories at all and skips both queries for them."""
+        if self.exclusive:
+            known = self._has_memories.get(scope)
+            if known is None:
+                sql = (self.sql.any_memory_agent if scope.session_id is None
+                       else self.sql.any_memory_session)
+                async with self.driver.connect() as conn:
+                    known = bool(await conn.fetch(sql, _scope_params(scope)))
+                self._remember_memories(scope, known)
+            if not known:
+                return []
+        pinned = await self.pinned_memories(scope, limit)
+        found = await self.search_memories(scope, query, limit)
+        seen = {m.id for m in pinned}
+        return pinned + [m for m in found if m.id not in seen]
+
+    def _remember_memories(self, scope: MemoryScope, present: bool) -> None:
+        self._has_memories[scope] = present
+        if len(self._has_memories) > self._cache_size * 4:
+            self._has_memories.pop(next(iter(self._has_memories)))
+
     async def pinned_memories(self, scope: MemoryScope, limit: int) -> list[Memory]:
         sql = self.sql.pinned_agent if scope.session_id is None else self.sql.pinned_session
         return await self._memories(sql, scope, limit)
@@ -163,8 +192,7 @@ class SqlStore:
         return await self._memories(sql, scope, limit)
 
     async def _memories(self, sql: Any, scope: MemoryScope, limit: int) -> list[Memory]:
-        params = {"tenant": scope.tenant, "agent": scope.agent, "sid": scope.session_id,
-                  "limit": limit}
+        params = {**_scope_params(scope), "limit": limit}
         async with self.driver.connect() as conn:
             return _memories(reversed(await conn.fetch(sql, params)))
 
@@ -247,22 +275,23 @@ class SqlStore:
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _tail(self, conn: Conn, session_id: int, window_tokens: int) -> list[StoredMessage]:
+    async def _tail(self, conn: Conn, session_id: int, window_tokens: int) -> Tail:
         """Newest messages, whole pages, until they cover `window_tokens`."""
-        tail: list[StoredMessage] = []
+        rows: list[Row] = []
         tokens = 0
-        rows = await conn.fetch(self.sql.tail_first, {"sid": session_id, "limit": _TAIL_PAGE})
+        page = await conn.fetch(self.sql.tail_first, {"sid": session_id, "limit": _TAIL_PAGE})
         while True:
-            tail[:0] = [
-                StoredMessage(seq, _for_model(orjson.loads(data)), n)
-                for seq, data, n in reversed(rows)
-            ]
-            tokens += sum(r[2] for r in rows)
-            if len(rows) < _TAIL_PAGE or tokens >= window_tokens:
+            rows[:0] = page[::-1]
+            tokens += sum(r[2] for r in page)
+            if len(page) < _TAIL_PAGE or tokens >= window_tokens:
+                messages = [_for_model(orjson.loads(r[1])) for r in rows]
+                tail = Tail()
+                tail.extend(messages, (r[2] for r in rows),
+                            (None if '"interrupted"' in r[1] else r[1] for r in rows))
                 return tail
-            rows = await conn.fetch(
+            page = await conn.fetch(
                 self.sql.tail_before,
-                {"sid": session_id, "before": rows[-1][0], "limit": _TAIL_PAGE},
+                {"sid": session_id, "before": page[-1][0], "limit": _TAIL_PAGE},
             )
 
     def _remember(self, state: SessionState) -> None:
@@ -274,6 +303,10 @@ class SqlStore:
 
 def _identity(ref: SessionRef) -> dict[str, Any]:
     return {"tenant": ref.tenant, "agent": ref.agent, "key": ref.key}
+
+
+def _scope_params(scope: MemoryScope) -> dict[str, Any]:
+    return {"tenant": scope.tenant, "agent": scope.agent, "sid": scope.session_id}
 
 
 def _turn_row(turn: TurnRecord, session_id: int) -> dict[str, Any]:
@@ -289,23 +322,6 @@ def _turn_row(turn: TurnRecord, session_id: int) -> dict[str, Any]:
         "response": _json(turn.response),
         "idempotency_key": turn.idempotency_key,
     }
-
-
-def _trim(state: SessionState) -> None:
-    """Drop the oldest cached messages down to one window, cutting before a user message
-    so that no tool result loses its call."""
-    tail = state.tail
-    cut = 0
-    tokens = state.tail_tokens
-    while cut < len(tail) - 1 and tokens > state.window_tokens:
-        tokens -= tail[cut].tokens
-        cut += 1
-    while cut < len(tail) and tail[cut].message.get("role") != "user":
-        tokens -= tail[cut].tokens
-        cut += 1
-    if 0 < cut < len(tail):
-        del tail[:cut]
-        state.tail_tokens = tokens
 
 
 def _for_model(message: Message) -> Message:

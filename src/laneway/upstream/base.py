@@ -15,6 +15,8 @@ class Upstream(Protocol):
     supports_tools: bool
     #: What the model calls itself, sent as `model` upstream.
     model: str
+    #: Whether `messages` may hold pre-encoded JSON (`orjson.Fragment`) besides dicts.
+    takes_encoded: bool
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion; returns the response body."""

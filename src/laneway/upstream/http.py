@@ -21,6 +21,7 @@ _DONE = b"[DONE]"
 
 class HttpUpstream:
     supports_tools = True
+    takes_encoded = True
 
     def __init__(
         self,

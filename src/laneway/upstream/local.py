@@ -49,6 +49,7 @@ def local_available() -> bool:
 
 class LocalUpstream:
     supports_tools = False
+    takes_encoded = False
     model = MODEL_NAME
 
     def __init__(self, context_tokens: int = 8192, threads: int | None = None) -> None:
