@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from laneway.config import Settings
 from laneway.errors import LanewayError
@@ -22,9 +23,31 @@ from laneway.store import open_store
 from laneway.upstream import open_upstreams
 
 
-def create_app(settings: Settings) -> Starlette:
+class Gateway:
+    """The ASGI app. Chat completions, the hot path, go straight to their handler; every
+    other endpoint (and the lifespan) goes through Starlette's router and error handlers."""
+
+    def __init__(self, api: Api, app: Starlette) -> None:
+        self.api = api
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == CHAT_PATH
+            and scope["method"] == "POST"
+        ):
+            await self.api.chat_asgi(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def create_app(settings: Settings) -> Gateway:
     api = Api(settings)
-    return Starlette(
+    return Gateway(api, Starlette(
         routes=api.routes(),
         exception_handlers={
             LanewayError: errors.laneway_error,
@@ -32,7 +55,7 @@ def create_app(settings: Settings) -> Starlette:
             Exception: errors.unexpected_error,
         },
         lifespan=lambda _app: _lifespan(api, settings),
-    )
+    ))
 
 
 @contextlib.asynccontextmanager

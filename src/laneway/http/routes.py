@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from laneway.config import Settings
 from laneway.errors import (
@@ -32,6 +34,8 @@ from laneway.metrics import Metrics
 from laneway.service import TurnService, lane_key
 from laneway.store.base import MemoryScope, SessionRef, Store
 
+
+logger = logging.getLogger(__name__)
 
 #: The longest a rejoin may wait in one request; a client wanting longer asks again.
 MAX_WAIT_S = 60.0
@@ -84,6 +88,17 @@ class Api:
         ]
 
     # -- chat ----------------------------------------------------------------------------
+
+    async def chat_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The hot path as a bare ASGI app: no router, no middleware stack."""
+        try:
+            response = await self.chat_completions(Request(scope, receive))
+        except LanewayError as e:
+            response = error_response(e)
+        except Exception:
+            logger.exception("chat completion failed")
+            response = error_response(LanewayError("internal error"))
+        await response(scope, receive, send)
 
     async def chat_completions(self, request: Request) -> Response | TurnStream:
         caller = self.auth.caller(request.headers)
