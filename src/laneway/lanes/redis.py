@@ -256,9 +256,13 @@ class RedisLanes:
         self.lease_ms = int(lease_s * 1000)
         self.check_s = lease_s / 4
         self._queue_ttl_ms = int((max_wait_s + 2 * lease_s) * 1000)
-        self._redis = aioredis.Redis.from_url(
-            self.url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
+        # A bounded pool that makes callers wait for a free connection: under thousands of
+        # concurrent requests an unbounded one ran into redis-py's connection cap (503s).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=64, timeout=5.0, socket_timeout=2.0,
+            socket_connect_timeout=2.0, decode_responses=True,
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         self._enter = self._redis.register_script(_ENTER)
         self._release = self._redis.register_script(_RELEASE)
         self._check = self._redis.register_script(_CHECK)

@@ -25,7 +25,10 @@ _SEARCH = (
 )
 _SEARCH_SESSION = _SEARCH.format(owner="= $5")
 _SEARCH_AGENT = _SEARCH.format(owner="IS NULL")
-_ACQUIRE_S = 3.0
+#: A connection attempt gives up after this: when PostgreSQL is down, requests fail fast.
+#: Waiting for a free pooled connection has no limit of its own (queries have one, 30 s),
+#: so a burst of load queues instead of failing.
+_CONNECT_S = 3.0
 
 
 class PostgresConn:
@@ -58,7 +61,7 @@ class PostgresConn:
 class PostgresDriver:
     dialect = asyncpg_dialect.dialect()
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.dsn = "postgresql://" + url.split("://", 1)[1]
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -71,7 +74,7 @@ class PostgresDriver:
         finally:
             await engine.dispose()
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30, timeout=_ACQUIRE_S
+            self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30, timeout=_CONNECT_S
         )
 
     async def close(self) -> None:
@@ -83,14 +86,14 @@ class PostgresDriver:
     async def connect(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
         with self._unavailable_when_down():
-            async with self._pool.acquire(timeout=_ACQUIRE_S) as raw:
+            async with self._pool.acquire() as raw:
                 yield PostgresConn(raw)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
         with self._unavailable_when_down():
-            async with self._pool.acquire(timeout=_ACQUIRE_S) as raw, raw.transaction():
+            async with self._pool.acquire() as raw, raw.transaction():
                 yield PostgresConn(raw)
 
     @contextlib.contextmanager
