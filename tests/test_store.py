@@ -134,6 +134,10 @@ async def test_memory_search_and_scopes(store: SqlStore) -> None:
     found = await store.search_memories(scope, "What tea does Ann like?", 5)
     assert [m.text for m in found] == ["Ann likes green tea"]
     assert [m.text for m in await store.pinned_memories(scope, 5)] == ["the launch is on Friday"]
+    recalled = await store.recall(scope, "does Ann like tea?", 5)
+    assert [m.text for m in recalled] == ["the launch is on Friday", "Ann likes green tea"]
+    assert [m.text for m in await store.recall(scope, "", 5)] == ["the launch is on Friday"]
+    assert await store.recall(MemoryScope("t", "default", None), "tea", 5) == []
     assert await store.search_memories(MemoryScope("t", "default", None), "tea", 5) == []
     assert await store.search_memories(MemoryScope("u", "default", state.id), "tea", 5) == []
     assert await store.search_memories(scope, "the and of", 5) == []

@@ -4,14 +4,25 @@ give a transaction, and the few things no portable SQL can say (lexical search).
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Dialect
 
 from laneway.store.base import MemoryScope
-from laneway.store.statements import Sql
+from laneway.store.statements import Sql, Statements
 
 Row = tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class TurnWrite:
+    """Everything one turn writes, committed atomically by `Driver.commit_turn`."""
+
+    session: dict[str, Any]  # sid, fence, now, added: the fenced advance of the session row
+    turn: dict[str, Any]
+    messages: list[dict[str, Any]]
+    memories: list[dict[str, Any]]
 
 
 class Conn(Protocol):
@@ -24,6 +35,11 @@ class Conn(Protocol):
 
     async def search(self, scope: MemoryScope, terms: list[str], limit: int) -> list[Row]:
         """Memories of `scope` matching any of `terms`, best first: (id, text, pinned, created_at)."""
+
+    async def recall(
+        self, pinned: Sql, params: dict[str, Any], terms: list[str], limit: int
+    ) -> tuple[list[Row], list[Row]]:
+        """The pinned memories (newest first) and those matching `terms` (best first)."""
 
 
 class Driver(Protocol):
@@ -38,3 +54,7 @@ class Driver(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Conn]:
         """A connection inside a transaction: committed on exit, rolled back on error."""
+
+    async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
+        """Write a turn atomically if the session still carries its fence; `StaleFence`
+        (and nothing written) if a newer lane holder claimed it."""

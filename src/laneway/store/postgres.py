@@ -12,10 +12,10 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from laneway.errors import Unavailable
-from laneway.store.base import MemoryScope
-from laneway.store.driver import Row
+from laneway.store.base import MemoryScope, StaleFence
+from laneway.store.driver import Row, TurnWrite
 from laneway.store.migrate import upgrade
-from laneway.store.statements import Sql
+from laneway.store.statements import Sql, Statements
 
 _SEARCH = (
     "SELECT id, text, pinned, created_at FROM memories "
@@ -25,6 +25,41 @@ _SEARCH = (
 )
 _SEARCH_SESSION = _SEARCH.format(owner="= $5")
 _SEARCH_AGENT = _SEARCH.format(owner="IS NULL")
+# Pinned memories and the search in one round trip; `kind` tells the two apart.
+_RECALL = (
+    "(SELECT id, text, pinned, created_at, 0 AS kind FROM memories "
+    "WHERE tenant = $1 AND agent = $2 AND session_id {owner} AND pinned "
+    "ORDER BY id DESC LIMIT $4) UNION ALL "
+    "(SELECT id, text, pinned, created_at, 1 FROM memories "
+    "WHERE tenant = $1 AND agent = $2 AND session_id {owner} AND $3 <> '' "
+    "AND tsv @@ to_tsquery('english', $3) "
+    "ORDER BY ts_rank(tsv, to_tsquery('english', $3)) DESC LIMIT $4)"
+)
+_RECALL_SESSION = _RECALL.format(owner="= $5")
+_RECALL_AGENT = _RECALL.format(owner="IS NULL")
+# A turn's whole write in one statement (one round trip, atomic): the session row is
+# advanced only if it still carries this holder's fence, and every insert reads from that
+# update, so a stale holder writes nothing and gets 0.
+_COMMIT_TURN = """
+WITH s AS (
+  UPDATE sessions SET updated_at = $1, revision = revision + 1, next_seq = next_seq + $2,
+         turns = turns + 1, fence = $3
+  WHERE id = $4 AND fence <= $3 RETURNING id
+), t AS (
+  INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,
+                     queue_wait_ms, usage, response, idempotency_key)
+  SELECT $5, s.id, $6, $7, $8, $9, $10, $11, $12, $13 FROM s
+), m AS (
+  INSERT INTO messages (session_id, seq, turn_id, data, tokens)
+  SELECT s.id, x.seq, $5, x.data, x.tokens
+  FROM s, unnest($14::integer[], $15::text[], $16::integer[]) AS x(seq, data, tokens)
+), mem AS (
+  INSERT INTO memories (tenant, agent, session_id, text, pinned, created_at)
+  SELECT $17, $18, CASE WHEN $19 THEN s.id END, y.text, y.pinned, $1
+  FROM s, unnest($20::text[], $21::boolean[]) AS y(text, pinned)
+)
+SELECT count(*) FROM s
+"""
 #: A connection attempt gives up after this: when PostgreSQL is down, requests fail fast.
 #: Waiting for a free pooled connection has no limit of its own (queries have one, 30 s),
 #: so a burst of load queues instead of failing.
@@ -56,6 +91,18 @@ class PostgresConn:
                 _SEARCH_SESSION, scope.tenant, scope.agent, query, limit, scope.session_id
             )
         return [tuple(r) for r in rows]
+
+
+    async def recall(
+        self, pinned: Sql, params: dict[str, Any], terms: list[str], limit: int
+    ) -> tuple[list[Row], list[Row]]:
+        base = (params["tenant"], params["agent"], " | ".join(terms), limit)
+        if params["sid"] is None:
+            rows = await self.raw.fetch(_RECALL_AGENT, *base)
+        else:
+            rows = await self.raw.fetch(_RECALL_SESSION, *base, params["sid"])
+        return ([tuple(r)[:4] for r in rows if r["kind"] == 0],
+                [tuple(r)[:4] for r in rows if r["kind"] == 1])
 
 
 class PostgresDriver:
@@ -95,6 +142,24 @@ class PostgresDriver:
         with self._unavailable_when_down():
             async with self._pool.acquire() as raw, raw.transaction():
                 yield PostgresConn(raw)
+
+    async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
+        session, turn, messages, memories = write.session, write.turn, write.messages, write.memories
+        session_scoped = any(m["session_id"] is not None for m in memories)
+        async with self.connect() as conn:
+            written = await conn.raw.fetchval(
+                _COMMIT_TURN,
+                session["now"], session["added"], session["fence"], session["sid"],
+                turn["id"], turn["status"], turn["created_at"], turn["started_at"],
+                turn["finished_at"], turn["queue_wait_ms"], turn["usage"], turn["response"],
+                turn["idempotency_key"],
+                [m["seq"] for m in messages], [m["data"] for m in messages],
+                [m["tokens"] for m in messages],
+                memories[0]["tenant"] if memories else "", memories[0]["agent"] if memories else "",
+                session_scoped, [m["text"] for m in memories], [m["pinned"] for m in memories],
+            )
+        if written != 1:
+            raise StaleFence("the session was claimed by a newer lane grant")
 
     @contextlib.contextmanager
     def _unavailable_when_down(self) -> Iterator[None]:

@@ -26,7 +26,7 @@ from laneway.store.base import (
     TurnRecord,
 )
 from laneway.store.tail import Tail
-from laneway.store.driver import Conn, Driver, Row
+from laneway.store.driver import Conn, Driver, Row, TurnWrite
 from laneway.store.statements import Statements
 from laneway.tokens import estimate_message
 
@@ -85,7 +85,7 @@ class SqlStore:
         if cached is not None and self.exclusive:
             self._cache.move_to_end(ref)
             return cached
-        async with self.driver.transaction() as conn:
+        async with self.driver.connect() as conn:  # one statement: atomic on its own
             rows = await conn.fetch(
                 self.sql.claim_session, {**_identity(ref), "fence": fence, "now": time.time()}
             )
@@ -117,29 +117,20 @@ class SqlStore:
             }
             for i, (m, data) in enumerate(zip(turn.messages, encoded))
         ]
-        sql = self.sql
-        async with self.driver.transaction() as conn:
-            changed = await conn.execute(
-                sql.advance_session, {"sid": state.id, "fence": fence, "now": now, "added": added}
-            )
-            if changed != 1:
-                raise StaleFence(f"session {state.ref.key} was claimed by a newer lane grant")
-            await conn.execute(sql.insert_turn, _turn_row(turn, state.id))
-            if rows:
-                await conn.executemany(sql.insert_message, rows)
-            if turn.memories:
-                owner = state.id if turn.memory_scope == "session" else None
-                self._remember_memories(
-                    MemoryScope(state.ref.tenant, state.ref.agent, owner), True
-                )
-                await conn.executemany(
-                    sql.insert_memory,
-                    [
-                        {"tenant": state.ref.tenant, "agent": state.ref.agent,
-                         "session_id": owner, "text": text, "pinned": pinned, "created_at": now}
-                        for text, pinned in turn.memories
-                    ],
-                )
+        owner = state.id if turn.memory_scope == "session" else None
+        write = TurnWrite(
+            session={"sid": state.id, "fence": fence, "now": now, "added": added},
+            turn=_turn_row(turn, state.id),
+            messages=rows,
+            memories=[
+                {"tenant": state.ref.tenant, "agent": state.ref.agent, "session_id": owner,
+                 "text": text, "pinned": pinned, "created_at": now}
+                for text, pinned in turn.memories
+            ],
+        )
+        await self.driver.commit_turn(self.sql, write)
+        if turn.memories:
+            self._remember_memories(MemoryScope(state.ref.tenant, state.ref.agent, owner), True)
         state.revision += 1
         state.turns += 1
         state.tail.extend(
@@ -173,10 +164,14 @@ class SqlStore:
                 self._remember_memories(scope, known)
             if not known:
                 return []
-        pinned = await self.pinned_memories(scope, limit)
-        found = await self.search_memories(scope, query, limit)
+        pinned_sql = self.sql.pinned_agent if scope.session_id is None else self.sql.pinned_session
+        async with self.driver.connect() as conn:
+            pinned_rows, found_rows = await conn.recall(
+                pinned_sql, {**_scope_params(scope), "limit": limit}, search_terms(query), limit
+            )
+        pinned = _memories(reversed(pinned_rows))
         seen = {m.id for m in pinned}
-        return pinned + [m for m in found if m.id not in seen]
+        return pinned + [m for m in _memories(found_rows) if m.id not in seen]
 
     def _remember_memories(self, scope: MemoryScope, present: bool) -> None:
         self._has_memories[scope] = present

@@ -21,10 +21,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from laneway.errors import Unavailable
-from laneway.store.base import MemoryScope
-from laneway.store.driver import Row
+from laneway.store.base import MemoryScope, StaleFence
+from laneway.store.driver import Row, TurnWrite
 from laneway.store.migrate import upgrade
-from laneway.store.statements import Sql
+from laneway.store.statements import Sql, Statements
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,17 @@ class SqliteConn:
         self.raw.executemany(sql.text, [sql.args(r) for r in rows])
 
     async def search(self, scope: MemoryScope, terms: list[str], limit: int) -> list[Row]:
+        if not terms:
+            return []
         match = " OR ".join(f'"{w}"' for w in terms)
         args = (match, scope.tenant, scope.agent, scope.session_id, limit)
         return self.raw.execute(_SEARCH, args).fetchall()
+
+    async def recall(
+        self, pinned: Sql, params: dict[str, Any], terms: list[str], limit: int
+    ) -> tuple[list[Row], list[Row]]:
+        scope = MemoryScope(params["tenant"], params["agent"], params["sid"])
+        return await self.fetch(pinned, params), await self.search(scope, terms, limit)
 
 
 class SqliteDriver:
@@ -90,6 +98,16 @@ class SqliteDriver:
         if self._conn is not None:
             self._conn.raw.close()
             self._conn = None
+
+    async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
+        async with self.transaction() as conn:
+            if await conn.execute(sql.advance_session, write.session) != 1:
+                raise StaleFence("the session was claimed by a newer lane grant")
+            await conn.execute(sql.insert_turn, write.turn)
+            if write.messages:
+                await conn.executemany(sql.insert_message, write.messages)
+            if write.memories:
+                await conn.executemany(sql.insert_memory, write.memories)
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[SqliteConn]:
