@@ -34,7 +34,7 @@ def test_schemathesis_finds_nothing(gateways: StartGateway, upstream: ScriptedUp
     summary = result.stdout[result.stdout.rfind("SUMMARY"):]
     print(summary)
     cases = re.search(r"(\d+) generated", summary)
-    assert cases and int(cases.group(1)) > 300, summary
+    assert cases and int(cases.group(1)) > 150, summary
     assert result.returncode == 0, result.stdout[-8000:]
     with urllib.request.urlopen(gateway.url + "/healthz", timeout=5) as resp:
         assert resp.status == 200, "the server survived"
