@@ -163,3 +163,30 @@ async def test_list_sessions_pages(store: SqlStore) -> None:
     assert [s.key for s in page] == ["k3", "k4"] and cursor is None
     everyone, _ = await store.list_sessions(None, None, 10, None)
     assert len(everyone) == 6
+
+
+async def test_migration_0002_backfills_has_memories(db_url: str) -> None:
+    """A database made by the first migration, with a memory in it, upgraded in place."""
+    from laneway.store.migrate import upgrade
+
+    scheme, rest = db_url.split("://", 1)
+    driver = "sqlite+aiosqlite" if scheme == "sqlite" else "postgresql+asyncpg"
+    engine = create_async_engine(f"{driver}://{rest}")
+    async with engine.begin() as conn:
+        await conn.run_sync(upgrade, "0001")
+        for sql in (
+            "INSERT INTO sessions (id, tenant, agent, key, created_at, updated_at, revision,"
+            " next_seq, turns, fence) VALUES (1, 't', 'default', 'k', 0, 0, 1, 0, 1, 1)",
+            "INSERT INTO sessions (id, tenant, agent, key, created_at, updated_at, revision,"
+            " next_seq, turns, fence) VALUES (2, 't', 'default', 'k2', 0, 0, 1, 0, 1, 1)",
+            "INSERT INTO memories (tenant, agent, session_id, text, pinned, created_at)"
+            " VALUES ('t', 'default', 1, 'remember me', false, 0)",
+        ):
+            await conn.exec_driver_sql(sql)
+    await engine.dispose()
+    store = SqlStore(db_url)
+    await store.open()  # runs 0002
+    with_memory = await store.load(SessionRef("t", "default", "k"), fence=2, window_tokens=100)
+    without = await store.load(SessionRef("t", "default", "k2"), fence=2, window_tokens=100)
+    assert with_memory.has_memories and not without.has_memories
+    await store.close()

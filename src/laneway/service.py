@@ -277,7 +277,7 @@ class TurnService:
         inp = self._inputs[turn.id]
         state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
         tools = self._tool_context(state, agent, turn.ticket.key)
-        memories = await self._recall(tools.scope, inp, agent)
+        memories = await self._recall(tools.scope, inp, agent, state)
         loop = AgentLoop(agent, self.upstreams[agent.name], state, inp)
         upstream_started = time.perf_counter()
         try:
@@ -339,12 +339,14 @@ class TurnService:
         return ToolContext(self.store, scope, state, queue_depth)
 
     async def _recall(
-        self, scope: MemoryScope | None, inp: TurnInput, agent: AgentConfig
+        self, scope: MemoryScope | None, inp: TurnInput, agent: AgentConfig, state: SessionState
     ) -> list[Memory]:
         """Pinned memories, then those matching the new input: recall must not depend on
         the model thinking of calling memory_search."""
         if scope is None or agent.recall_limit <= 0:
             return []
+        if scope.session_id is not None and not state.has_memories:
+            return []  # the session's row says it has none: no query
         query = " ".join(_text(m["content"]) for m in inp.new_input if m["role"] == "user")
         return await self.store.recall(scope, query, agent.recall_limit)
 

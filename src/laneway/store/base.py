@@ -42,6 +42,8 @@ class SessionState:
     turns: int = 0
     created_at: float = 0.0
     tail: Tail = field(default_factory=Tail)
+    #: Whether the session holds memories of its own (recall is skipped when not).
+    has_memories: bool = False
     #: The context budget the tail must cover; the cache keeps at most twice that.
     window_tokens: int = 0
 

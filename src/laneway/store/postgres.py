@@ -43,7 +43,7 @@ _RECALL_AGENT = _RECALL.format(owner="IS NULL")
 _COMMIT_TURN = """
 WITH s AS (
   UPDATE sessions SET updated_at = $1, revision = revision + 1, next_seq = next_seq + $2,
-         turns = turns + 1, fence = $3
+         turns = turns + 1, fence = $3, has_memories = has_memories OR $19
   WHERE id = $4 AND fence <= $3 RETURNING id
 ), t AS (
   INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER keys
@@ -35,6 +36,7 @@ sessions = Table(
     Column("next_seq", Integer, nullable=False),
     Column("turns", Integer, nullable=False),
     Column("fence", BigInteger, nullable=False),
+    Column("has_memories", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("tenant", "agent", "key", name="uq_sessions_identity"),
     Index("ix_sessions_tenant_id", "tenant", "id"),
 )

@@ -91,7 +91,7 @@ class SqlStore:
             )
             if not rows:
                 raise StaleFence(f"session {ref.key} is held by a newer lane grant")
-            sid, revision, next_seq, turns, created_at = rows[0]
+            sid, revision, next_seq, turns, created_at, has_memories = rows[0]
             if cached is not None and cached.id == sid and cached.revision == revision:
                 state = cached
             else:
@@ -99,6 +99,7 @@ class SqlStore:
                                      window_tokens=window_tokens)
                 if revision:
                     state.tail = await self._tail(conn, sid, window_tokens)
+            state.has_memories = bool(has_memories)
         self._remember(state)
         return state
 
@@ -118,8 +119,10 @@ class SqlStore:
             for i, (m, data) in enumerate(zip(turn.messages, encoded))
         ]
         owner = state.id if turn.memory_scope == "session" else None
+        own_memories = bool(turn.memories) and owner is not None
         write = TurnWrite(
-            session={"sid": state.id, "fence": fence, "now": now, "added": added},
+            session={"sid": state.id, "fence": fence, "now": now, "added": added,
+                     "memories": own_memories},
             turn=_turn_row(turn, state.id),
             messages=rows,
             memories=[
@@ -131,6 +134,7 @@ class SqlStore:
         await self.driver.commit_turn(self.sql, write)
         if turn.memories:
             self._remember_memories(MemoryScope(state.ref.tenant, state.ref.agent, owner), True)
+        state.has_memories = state.has_memories or own_memories
         state.revision += 1
         state.turns += 1
         state.tail.extend(

@@ -74,7 +74,8 @@ class Statements:
                 index_elements=["tenant", "agent", "key"],
                 set_={"fence": upsert.excluded.fence},
                 where=_s.c.fence <= upsert.excluded.fence,
-            ).returning(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at)
+            ).returning(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at,
+                        _s.c.has_memories)
         )
         self.advance_session = c(
             update(_s)
@@ -85,6 +86,7 @@ class Statements:
                 next_seq=_s.c.next_seq + _p("added"),
                 turns=_s.c.turns + 1,
                 fence=_p("fence"),
+                has_memories=_s.c.has_memories | _p("memories"),
             )
         )
         self.insert_turn = c(
