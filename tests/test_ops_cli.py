@@ -75,7 +75,7 @@ def test_sessions_list_show_rm(gateway: Gateway) -> None:
     assert "← memory_save: saved" in shown
     assert "Ann likes tea" in shown.split("Memories (1)")[1]
     turns = shown.split("Turns")[1]
-    assert first in turns and second in turns and "ok" in turns and " ms" in turns
+    assert first in turns and second in turns and "completed" in turns and " ms" in turns
 
     refused = laneway("sessions", "rm", key, url=gateway.url, stdin="n\n")
     assert refused.returncode == 1 and "Aborted" in refused.stderr

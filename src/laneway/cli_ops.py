@@ -121,22 +121,16 @@ def sessions_show(
 ) -> None:
     """A session: status, transcript (tool calls included), memories, turn timings."""
 
-    async def fetch() -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    async def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         async with OpsClient(url, api_key) as client:
             session = await client.session(key, agent=agent, tenant=tenant)
-            try:
-                turns = await client.recent_turns(key, agent=session["agent"],
-                                                  tenant=session["tenant"])
-            except OpsError as e:
-                if e.status != 404:  # an older server without /ui: show the rest
-                    raise
-                turns = None
+            turns = await client.turns(key, agent=session["agent"], tenant=session["tenant"])
             return session, turns
 
     session, turns = _run(fetch())
     out = _out()
     if as_json:
-        out.print_json(data={**session, "recent_turns": turns})
+        out.print_json(data={**session, "turn_list": turns})
         return
     out.print(session_view(session, turns))
 

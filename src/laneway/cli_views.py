@@ -57,9 +57,8 @@ def sessions_table(rows: list[dict[str, Any]]) -> Table | Text:
     return table
 
 
-def session_view(session: dict[str, Any], turns: list[dict[str, Any]] | None) -> Group:
-    """Header, transcript, memories, then the turns this server remembers with timings
-    (`turns` is None when the server cannot list them)."""
+def session_view(session: dict[str, Any], turns: list[dict[str, Any]]) -> Group:
+    """Header, transcript, memories, then the session's turns with their timings."""
     parts: list[RenderableType] = [
         Text.assemble(("session ", "dim"), (session["key"], "bold"),
                       (f"  agent {session['agent']} · tenant {session['tenant']}", "dim")),
@@ -81,17 +80,20 @@ def session_view(session: dict[str, Any], turns: list[dict[str, Any]] | None) ->
         parts.append(table)
     else:
         parts.append(Text("none", style="dim"))
-    parts += ["", Text("Turns (this server's recent ones)", style="bold underline")]
+    parts += ["", Text(f"Turns ({len(turns)})", style="bold underline")]
     if not turns:
-        parts.append(Text("none known" if turns is not None else "this server lists no turns",
-                          style="dim"))
+        parts.append(Text("none", style="dim"))
         return Group(*parts)
-    table = Table(_key_column("turn"), "arrived", "outcome", "queue wait", "duration")
+    table = Table(_key_column("turn"), "arrived", "status", "queue wait", "duration")
     for t in turns:
-        outcome = t["outcome"]
-        style = "green" if outcome == "ok" else "yellow" if outcome == "abandoned" else "red"
-        table.add_row(t["turn_id"], _short(t["created"]), Text(outcome, style=style),
-                      _ms(t["queue_wait_ms"]), _ms(t["duration_ms"]) if t["duration_ms"] else "-")
+        status = t["status"]
+        style = "green" if status == "completed" else "yellow" if status in (
+            "queued", "running", "awaiting_tools") else "red"
+        started, finished = t.get("started_at"), t.get("finished_at")
+        duration = _ms((finished - started) * 1000) if started and finished else "-"
+        wait = t.get("queue_wait_ms")
+        table.add_row(t["id"], _short(t["created_at"]), Text(status, style=style),
+                      _ms(wait) if wait is not None else "-", duration)
     parts.append(table)
     return Group(*parts)
 

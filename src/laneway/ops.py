@@ -95,11 +95,10 @@ class OpsClient:
                              tenant: str | None = None) -> dict[str, Any]:
         return await self._json("DELETE", f"/v1/sessions/{_seg(key)}", _ref(agent, tenant))
 
-    async def recent_turns(self, key: str, *, agent: str | None = None,
-                           tenant: str | None = None) -> list[dict[str, Any]]:
-        """This replica's recent turns of a session, with timings (see `http/ui.py`)."""
-        params = {"session": key, **_ref(agent, tenant)}
-        body = await self._json("GET", "/ui/turns", params)
+    async def turns(self, key: str, *, agent: str | None = None,
+                    tenant: str | None = None) -> list[dict[str, Any]]:
+        """A session's turns with their timings: the saved ones, then any still running."""
+        body = await self._json("GET", f"/v1/sessions/{_seg(key)}/turns", _ref(agent, tenant))
         return list(body.get("data", []))
 
     async def models(self) -> list[str]:

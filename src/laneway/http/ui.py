@@ -11,8 +11,9 @@ the key as `?key=KEY`; the page passes it on to its own fetch and feed calls.
 `/ui/events` is a Server-Sent Events feed: one JSON snapshot a second (busy lanes, the
 last turns, per-bucket queue wait and latency for the chart), computed from the lane
 backend and the service's in-memory `recent` turns, so it reflects this replica's turns.
-`/ui/turns?session=KEY` lists the recent turns of one session with their timings (the
-store keeps turns, but no endpoint lists a session's turns yet).
+`/ui/turns?session=KEY` lists this replica's recent turns of one session with their timings,
+failed and abandoned ones included (the store keeps only the turns that changed the session;
+`GET /v1/sessions/{key}/turns` lists those).
 """
 
 from __future__ import annotations
