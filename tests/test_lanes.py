@@ -216,6 +216,22 @@ async def test_timeout_leaves_the_queue(lanes: LaneBackend) -> None:
     assert await _idle(lanes)
 
 
+async def test_info_reports_how_long_the_head_of_the_queue_waited(lanes: LaneBackend) -> None:
+    holder = await lanes.enter("k", max_waiting=5, owner="turn_1")
+    assert (await lanes.info("k")).oldest_wait_s == 0  # type: ignore[union-attr]
+    first = await lanes.enter("k", max_waiting=5, owner="turn_2")
+    await asyncio.sleep(0.2)
+    second = await lanes.enter("k", max_waiting=5, owner="turn_3")
+    info = await lanes.info("k")
+    assert info is not None and info.holder == "turn_1" and info.waiting == 2
+    assert 0.15 <= info.oldest_wait_s < 5, info  # the head's wait, not the newest's
+    await first.release()  # the head leaves: the next one's wait is shorter
+    assert (await lanes.info("k")).oldest_wait_s < info.oldest_wait_s  # type: ignore[union-attr]
+    await second.release()
+    await holder.release()
+    assert await _idle(lanes)
+
+
 async def test_interrupt_reaches_the_holder(lanes: LaneBackend) -> None:
     holder = await lanes.enter("k", max_waiting=5, owner="turn_1")
     interrupted = asyncio.Event()

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 from conftest import Gateway, StartGateway, free_port
-from ops_support import chat, held_lane, request
+from ops_support import chat, held_lane, lane, request
 from scripted_upstream import ScriptedUpstream
 
 ADMIN = "ops-admin"
@@ -107,6 +107,8 @@ def test_lanes_show_a_busy_lane_and_its_queue(gateway: Gateway) -> None:
         cells = [c.strip() for c in re.split(r"[│|]", next(x for x in once.splitlines()
                                                             if key in x))]
         assert cells[1:5] == [key, "default", "running", "2"], cells
+        assert re.fullmatch(r"\d+\.\d s", cells[5]), cells  # oldest wait
+        assert lane(gateway.url, key)["oldest_wait_s"] > 0  # type: ignore[index]
         assert "waiting" in once.splitlines()[0]
         busy = json.loads(ok(laneway("sessions", "list", "--busy", "--limit", "200", "--json",
                                      url=gateway.url)))

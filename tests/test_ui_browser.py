@@ -8,6 +8,7 @@ the live feed's snapshots and their tenant scoping.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 import urllib.request
 import uuid
@@ -195,6 +196,7 @@ def test_a_queued_lane_shows_its_depth(page: Page, gw: Gateway) -> None:
         expect(row.locator("td[data-depth]")).to_have_attribute("data-depth", "2")
         expect(row).to_contain_text("running")
         expect(page.locator("#stat-waiting")).to_have_text("2")
+        expect(row.locator("td.wait-cell")).to_have_text(re.compile(r"^\d+(\.\d+)? m?s$"))
         _shot(page, "ui-queued-lane.png")
     expect(page.locator(f'#lanes tr[data-session="{key}"]')).to_have_count(0)
     expect(page.locator("#lanes-empty")).to_be_visible()

@@ -147,7 +147,7 @@ def lanes_view(rows: list[dict[str, Any]], width: int) -> Table | Text:
     tenants = len({r["tenant"] for r in rows}) > 1
     turn_ids = width >= 110
     table = Table(_key_column("session"), "agent", *(["tenant"] if tenants else []), "state",
-                  "queue depth", "running for", *(["turn"] if turn_ids else []),
+                  "queue depth", "oldest wait", "running for", *(["turn"] if turn_ids else []),
                   title=f"{len(rows)} busy lanes, {waiting} waiting · {stamp}",
                   title_justify="left")
     for r in sorted(rows, key=lambda r: (-r["queue_depth"], r["session_key"])):
@@ -155,5 +155,6 @@ def lanes_view(rows: list[dict[str, Any]], width: int) -> Table | Text:
         depth = Text(str(r["queue_depth"]), style="bold yellow" if r["queue_depth"] else "")
         state = Text("running", style="green") if r["running"] else Text("handing over")
         table.add_row(r["session_key"], r["agent"], *([r["tenant"]] if tenants else []), state,
-                      depth, _age(age), *([r.get("turn_id") or "-"] if turn_ids else []))
+                      depth, _age(r["oldest_wait_s"]) if r.get("oldest_wait_s") else "-",
+                      _age(age), *([r.get("turn_id") or "-"] if turn_ids else []))
     return table

@@ -267,7 +267,8 @@ SCHEMAS: dict[str, Schema] = {
                            "tenant": {"type": "string"}, "running": {"type": "boolean"},
                            "turn_id": _nullable({"type": "string"}),
                            "turn_age_s": {"type": "number"},
-                           "queue_depth": {"type": "integer"}}}}}},
+                           "queue_depth": {"type": "integer"},
+                           "oldest_wait_s": {"type": "number"}}}}}},
 }
 
 

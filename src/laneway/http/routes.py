@@ -307,6 +307,7 @@ class Api:
                     "turn_id": info.holder,
                     "turn_age_s": round(info.held_for_s, 3),
                     "queue_depth": info.waiting,
+                    "oldest_wait_s": round(info.oldest_wait_s, 3),
                 }
             )
         return JSON({"object": "list", "data": data})

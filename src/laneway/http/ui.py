@@ -116,7 +116,8 @@ class UiRoutes:
                 lanes.append({"session_key": key, "agent": agent, "tenant": tenant,
                               "running": info.running, "queue_depth": info.waiting,
                               "turn_id": info.holder,
-                              "turn_age_s": round(info.held_for_s, 3)})  # as in /v1/lanes
+                              "turn_age_s": round(info.held_for_s, 3),  # as in /v1/lanes
+                              "oldest_wait_s": round(info.oldest_wait_s, 3)})
         lanes.sort(key=lambda lane: (-lane["queue_depth"], -lane["turn_age_s"]))
         turns = _visible(self.api.service.recent, caller)
         return {

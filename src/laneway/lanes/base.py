@@ -37,6 +37,8 @@ class LaneInfo:
     held_for_s: float
     #: The running turn's id (what `enter` was given as `owner`).
     holder: str | None = None
+    #: How long the head of the queue has waited (0 when nothing waits).
+    oldest_wait_s: float = 0.0
 
 
 class Ticket(Protocol):

@@ -26,7 +26,7 @@ class _Lane:
 
 class LocalTicket:
     __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "on_lost",
-                 "_lanes", "_lane", "_future", "_done")
+                 "entered", "_lanes", "_lane", "_future", "_done")
 
     def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int, owner: str) -> None:
         self.key = key
@@ -35,6 +35,7 @@ class LocalTicket:
         self.owner = owner
         self.on_interrupt: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None  # an in-process lane is never lost
+        self.entered = 0.0  # set (monotonic) only for a ticket that has to wait
         self._lanes = lanes
         self._lane = lane
         self._future: asyncio.Future[None] | None = None
@@ -98,6 +99,7 @@ class LocalLanes:
             )
         ticket = LocalTicket(self, lane, key, len(lane.waiters) + 1, owner)
         ticket._future = asyncio.get_running_loop().create_future()
+        ticket.entered = time.monotonic()
         lane.waiters.append(ticket)
         return ticket
 
@@ -138,9 +140,11 @@ class LocalLanes:
 
     def _info(self, key: str, lane: _Lane) -> LaneInfo:
         holder = lane.holder
-        held = time.monotonic() - lane.since if holder is not None else 0.0
+        now = time.monotonic()
+        held = now - lane.since if holder is not None else 0.0
         owner = holder.owner or None if holder is not None else None
-        return LaneInfo(key, holder is not None, len(lane.waiters), held, owner)
+        oldest = now - lane.waiters[0].entered if lane.waiters else 0.0
+        return LaneInfo(key, holder is not None, len(lane.waiters), held, owner, oldest)
 
     def _grant(self, lane: _Lane, ticket: LocalTicket) -> None:
         self._fence += 1

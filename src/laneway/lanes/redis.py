@@ -15,7 +15,7 @@ Keys, for prefix P and lane key K:
     channel P r:R   grants and interrupts for replica R's tickets: hand-off by
                     notification, with a slow check as the safety net for lost messages
 
-A ticket id is "R:seq:owner". A holder that cannot renew its lease in time is told it
+A ticket id is "R:seq:entered_ms:owner". A holder that cannot renew its lease in time is told it
 lost the lane (`on_lost`) and must stop; the fence keeps it from writing if it does not.
 """
 
@@ -78,7 +78,7 @@ end
 # queue_ttl_ms, prefix. Returns {ticket, position (-1: no room), fence or waiting}.
 _ENTER = _GRANT_NEXT + """
 local seq = redis.call('INCR', KEYS[3])
-local ticket = ARGV[1] .. ':' .. seq .. ':' .. ARGV[2]
+local ticket = ARGV[1] .. ':' .. seq .. ':' .. ARGV[5] .. ':' .. ARGV[2]
 local holder = redis.call('GET', KEYS[2])
 if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
   -- the holder's lease ran out (crashed replica) while tickets waited: they go first
@@ -344,10 +344,11 @@ class RedisLanes:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self._h(key))
             pipe.zcard(self._q(key))
-            holder, waiting = await self._call(pipe.execute())
+            pipe.zrange(self._q(key), 0, 0)
+            holder, waiting, head = await self._call(pipe.execute())
         if holder is None and not waiting:
             return None
-        return _info(key, holder, waiting)
+        return _info(key, holder, waiting, head[0] if head else None)
 
     async def busy(self) -> list[LaneInfo]:
         keys: set[str] = set()
@@ -443,13 +444,15 @@ class RedisLanes:
         return f"{self.prefix}h:{key}"
 
 
-def _info(key: str, holder: str | None, waiting: int) -> LaneInfo:
+def _info(key: str, holder: str | None, waiting: int, head: str | None) -> LaneInfo:
+    now_ms = _now_ms()
+    oldest = max(0.0, (now_ms - int(head.split(":", 3)[2])) / 1000) if head else 0.0
     if holder is None:
-        return LaneInfo(key, False, waiting, 0.0, None)
+        return LaneInfo(key, False, waiting, 0.0, None, oldest)
     ticket, _, rest = holder.partition("|")
     granted_ms = int(rest.rsplit("|", 1)[-1])
-    owner = ticket.split(":", 2)[2] or None
-    return LaneInfo(key, True, waiting, max(0.0, time.time() - granted_ms / 1000), owner)
+    owner = ticket.split(":", 3)[3] or None
+    return LaneInfo(key, True, waiting, max(0.0, (now_ms - granted_ms) / 1000), owner, oldest)
 
 
 def _now_ms() -> int:

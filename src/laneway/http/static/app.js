@@ -122,6 +122,7 @@
       el("td", { class: "depth-cell", "data-depth": l.queue_depth },
         el("span", { class: "depth" }, el("b", { text: l.queue_depth }),
           bar(Math.min(l.queue_depth * 10, 160)))),
+      el("td", { class: "num wait-cell", text: l.queue_depth ? secs(l.oldest_wait_s) : "–" }),
       el("td", { class: "num", text: secs(l.turn_age_s) })));
     fill($("lanes").tBodies[0], rows, "lanes-empty");
   }
