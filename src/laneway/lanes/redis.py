@@ -65,7 +65,7 @@ local function grant_next(queue, holder, fence_key, prefix, lease, now)
       local f = string.format('%d', fence)
       redis.call('SET', holder, head .. '|' .. f .. '|' .. now, 'PX', lease)
       redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. f)
-      return head
+      return head, f
     end
   end
 end
@@ -99,19 +99,23 @@ return {ticket, waiting + 1, 0}
 """
 
 # KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
-# Frees the lane if the ticket holds it, else takes the ticket out of the queue.
+# Frees the lane if the ticket holds it, else takes the ticket out of the queue. Returns
+# {ticket, fence} of a grant it made (the releasing replica may hold that ticket: it grants
+# it at once instead of waiting for its own notification), else {}.
 _RELEASE = _GRANT_NEXT + """
 local holder = redis.call('GET', KEYS[2])
 if holds(holder, ARGV[1]) then
   redis.call('DEL', KEYS[2])
-  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
-  return 1
+  local head, fence = grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  if head then return {head, fence} end
+  return {}
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  local head, fence = grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  if head then return {head, fence} end
 end
-return 0
+return {}
 """
 
 # KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
@@ -242,11 +246,15 @@ class RedisTicket:
         lanes = self._lanes
         lanes._tickets.pop(self.id, None)
         try:
-            await lanes._script(
-                lanes._release, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
-            )
+            granted = await lanes._call(lanes._release(
+                keys=[lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence"],
+                args=[self.id, lanes.lease_ms, _now_ms(), lanes.prefix],
+            ))
         except Unavailable:
             logger.warning("could not release %s: its lease will run out", self.key)
+            return
+        if granted:  # the next ticket may be this replica's: no need to wait for the message
+            lanes._dispatch(f"grant|{granted[0]}|{granted[1]}")
 
 
 class RedisLanes:
@@ -270,7 +278,10 @@ class RedisLanes:
         self._claim = self._redis.register_script(_CLAIM)
         self._unclaim = self._redis.register_script(_UNCLAIM)
         self._tickets: dict[str, RedisTicket] = {}
-        self._early: dict[str, int] = {}  # grants that arrived before their ticket was known
+        #: Grants that arrived before `enter` registered their ticket: fence, when received.
+        #: A grant for a ticket already released (its notification came late) is dropped
+        #: by the heartbeat.
+        self._early: dict[str, tuple[int, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._alive_ok = time.monotonic()
 
@@ -307,7 +318,7 @@ class RedisLanes:
         self._tickets[ticket_id] = ticket
         early = self._early.pop(ticket_id, None)
         if early is not None:
-            ticket._grant(early)
+            ticket._grant(early[0])
         return ticket
 
     async def interrupt(self, key: str) -> bool:
@@ -394,7 +405,8 @@ class RedisLanes:
             ticket_id, _, fence = rest.rpartition("|")
             ticket = self._tickets.get(ticket_id)
             if ticket is None:
-                self._early[ticket_id] = int(fence)
+                if ticket_id.startswith(self.replica + ":"):
+                    self._early[ticket_id] = (int(fence), time.monotonic())
             else:
                 ticket._grant(int(fence))
         elif kind == "interrupt":
@@ -419,6 +431,9 @@ class RedisLanes:
             except (RedisError, OSError):
                 results = None
             now = time.monotonic()
+            for ticket_id, (_, received) in list(self._early.items()):
+                if now - received > self.lease_ms / 1000:
+                    del self._early[ticket_id]
             for i, ticket in enumerate(held):
                 if results is not None and results[i + 1] == 1:
                     ticket._renewed = now
