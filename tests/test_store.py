@@ -3,6 +3,7 @@ the cached tail stays bounded, memory search is lexical."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -102,6 +103,33 @@ async def test_stale_fence_writes_nothing(db_url: str) -> None:
         assert contents == (["one", "re one"] if key == "old" else []) + ["two", "re two"]
         reread = await a.load(ref, fence=13, window_tokens=1000)  # revision moved: tail refreshed
         assert [m["content"] for m in reread.tail.messages] == contents
+    await a.close()
+    await b.close()
+
+
+async def test_concurrent_commits_each_stand_alone(db_url: str) -> None:
+    """Turns committing at the same instant (SQLite group-commits them): each is written
+    or refused on its own. One is stale, one repeats a turn id (fails on its own), the
+    others land."""
+    a, b = SqlStore(db_url, exclusive=False), SqlStore(db_url, exclusive=False)
+    await a.open()
+    await b.open()
+    refs = [SessionRef("t", "default", f"c{i}") for i in range(6)]
+    states = [await a.load(ref, fence=20, window_tokens=1000) for ref in refs]
+    await b.load(refs[1], fence=21, window_tokens=1000)  # a newer holder claims c1
+    await a.commit(states[2], _turn("dup", "first"), fence=20)
+    states[2] = await a.load(refs[2], fence=20, window_tokens=1000)
+    results = await asyncio.gather(
+        *(a.commit(state, _turn("dup" if i == 2 else f"c{i}", f"m{i}"), fence=20)
+          for i, state in enumerate(states)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StaleFence), results
+    assert isinstance(results[2], Exception) and not isinstance(results[2], StaleFence), results
+    assert [r is None for r in results] == [True, False, False, True, True, True], results
+    for i, ref in enumerate(refs):
+        contents = [m["content"] for m in await b.transcript(ref, 10)]
+        assert contents == {1: [], 2: ["first", "re first"]}.get(i, [f"m{i}", f"re m{i}"])
     await a.close()
     await b.close()
 
