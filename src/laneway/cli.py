@@ -158,6 +158,8 @@ def _run(settings: config.Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_level != "debug":  # seven "setup plugin" lines at every start
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     default = settings.agents["default"]
     model = (
         "bundled SmolLM2-135M-Instruct (in-process)"
