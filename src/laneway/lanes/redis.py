@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy, Unavailable
 from laneway.lanes.base import LaneInfo
+from laneway.lanes.resp import RespClient
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -246,10 +247,11 @@ class RedisTicket:
         lanes = self._lanes
         lanes._tickets.pop(self.id, None)
         try:
-            granted = await lanes._call(lanes._release(
-                keys=[lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence"],
-                args=[self.id, lanes.lease_ms, _now_ms(), lanes.prefix],
-            ))
+            granted = await lanes._eval(
+                lanes._release,
+                [lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence"],
+                [self.id, lanes.lease_ms, _now_ms(), lanes.prefix],
+            )
         except Unavailable:
             logger.warning("could not release %s: its lease will run out", self.key)
             return
@@ -271,6 +273,8 @@ class RedisLanes:
             socket_connect_timeout=2.0, decode_responses=True,
         )
         self._redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        # The scripts every turn runs go through the lean client when it can speak the URL.
+        self._fast = RespClient(self.url) if self.url.startswith("redis://") else None
         self._enter = self._redis.register_script(_ENTER)
         self._release = self._redis.register_script(_RELEASE)
         self._check = self._redis.register_script(_CHECK)
@@ -301,15 +305,18 @@ class RedisLanes:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._alive_key())
         await self._redis.aclose()
+        if self._fast is not None:
+            await self._fast.close()
 
     # -- the contract --------------------------------------------------------------------
 
     async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> RedisTicket:
-        ticket_id, position, value = await self._call(self._enter(
-            keys=[self._q(key), self._h(key), self.prefix + "seq", self.prefix + "fence"],
-            args=[self.replica, owner, max_waiting, self.lease_ms, _now_ms(),
-                  self._queue_ttl_ms, self.prefix],
-        ))
+        ticket_id, position, value = await self._eval(
+            self._enter,
+            [self._q(key), self._h(key), self.prefix + "seq", self.prefix + "fence"],
+            [self.replica, owner, max_waiting, self.lease_ms, _now_ms(), self._queue_ttl_ms,
+             self.prefix],
+        )
         if position == -1:
             if max_waiting == 0:
                 raise SessionBusy("the session is running another turn", retry_after=1.0)
@@ -372,12 +379,17 @@ class RedisLanes:
     # -- helpers -------------------------------------------------------------------------
 
     async def _script(self, script: Any, key: str, *args: Any) -> tuple[int, int]:
-        result = await self._call(
-            script(keys=[self._q(key), self._h(key), self.prefix + "fence"], args=list(args))
+        result = await self._eval(
+            script, [self._q(key), self._h(key), self.prefix + "fence"], list(args)
         )
         if isinstance(result, int):
             return result, 0
         return int(result[0]), int(result[1])
+
+    async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        if self._fast is not None:
+            return await self._call(self._fast.evalsha(script.sha, keys, args, script.script))
+        return await self._call(script(keys=keys, args=args))
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
