@@ -81,6 +81,16 @@ async def test_bad_session_key_is_400(gateway: Gateway, key: str) -> None:
     assert status == 400 and error["error"]["param"] == "x-laneway-session-key"
 
 
+@pytest.mark.parametrize("path", ["", "/turns", "/turns/turn_1"])
+async def test_bad_session_key_in_a_path_is_400(gateway: Gateway, path: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for key in ("has%20space", "ctl%7F%06", "%C2%A5yen", "x" * 257):
+            async with http.get(f"{gateway.base_url}/sessions/{key}{path}") as resp:
+                body = await resp.json()
+                assert resp.status == 400 and body["error"]["param"] == "key", (key, body)
+                validate_error(body)
+
+
 async def test_bad_lane_policy_is_400(gateway: Gateway) -> None:
     status, error = await _post(gateway, {"model": "default", "messages": [USER]}, {"x-laneway-lane-policy": "shove"})
     assert status == 400 and error["error"]["param"] == "x-laneway-lane-policy"

@@ -306,6 +306,14 @@ def _include_usage(data: dict[str, Any]) -> bool:
     return _bool(options, "include_usage")
 
 
+def check_session_key(key: str, param: str) -> str:
+    """A session key as a header or a path gives it: 400 unless well-formed."""
+    if not _SESSION_KEY.fullmatch(key):
+        raise BadRequest(f"{param} must be 1-256 printable ASCII characters, no spaces or '/'",
+                         param=param)
+    return key
+
+
 def _session_key(headers: Mapping[str, str]) -> str | None:
     """The session key; every session header given must be well-formed, and the alias
     may not name another session than the main header."""
@@ -313,12 +321,7 @@ def _session_key(headers: Mapping[str, str]) -> str | None:
     for name in SESSION_HEADERS:
         key = headers.get(name)
         if key is not None:
-            if not _SESSION_KEY.fullmatch(key):
-                raise BadRequest(
-                    f"{name} must be 1-256 printable ASCII characters, no spaces or '/'",
-                    param=name,
-                )
-            keys.append(key)
+            keys.append(check_session_key(key, name))
     if len(set(keys)) > 1:
         raise BadRequest(f"{SESSION_HEADERS[0]} and {SESSION_HEADERS[1]} name different sessions",
                          param=SESSION_HEADERS[1])

@@ -27,7 +27,7 @@ from laneway.errors import (
 from laneway.http.errors import error_response
 from laneway.http import openapi
 from laneway.http.auth import Auth, Caller, RateLimiter
-from laneway.http.chat import parse_chat
+from laneway.http.chat import check_session_key, parse_chat
 from laneway.http.sse import TurnStream, disconnected
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
@@ -287,7 +287,7 @@ class Api:
         if agent is None:
             raise NotFound(f"no agent {agent_name!r}", code="model_not_found", param="agent")
         tenant = _tenant(caller, q.get("tenant")) or caller.tenant
-        return SessionRef(tenant, agent.name, request.path_params["key"])
+        return SessionRef(tenant, agent.name, check_session_key(request.path_params["key"], "key"))
 
     # -- operations ----------------------------------------------------------------------
 

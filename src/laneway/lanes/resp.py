@@ -171,11 +171,19 @@ class RespClient:
 
     async def _watch(self) -> None:
         """Fail every call in flight when the oldest has waited past the timeout (its reply
-        may still come and would answer the wrong caller, so the connection goes too)."""
+        may still come and would answer the wrong caller, so the connection goes too).
+        The oldest call must still be there one round later: a loop too busy to read its
+        socket in time (a burst of thousands of requests) is not a silent Redis."""
+        suspect: asyncio.Future[Reply] | None = None
         while True:
             await asyncio.sleep(self._timeout / 4)
             proto = self._proto
-            if proto is not None and proto.sent and time.monotonic() - proto.sent[0] > self._timeout:
+            if proto is None or not proto.sent or time.monotonic() - proto.sent[0] <= self._timeout:
+                suspect = None
+            elif suspect is not proto.waiting[0]:
+                suspect = proto.waiting[0]
+            else:
+                suspect = None
                 proto._fail(RedisTimeoutError("Redis did not answer in time"))
                 if proto.transport is not None:
                     proto.transport.abort()
