@@ -115,6 +115,10 @@ async def test_a_silent_server_times_out_and_the_client_reconnects() -> None:
         with pytest.raises(RedisTimeoutError):
             await client.evalsha(_sha(ECHO), ["k"], ["v", 1], ECHO)  # accepted, never answered
         assert time.monotonic() - started < 2
+        selecting = RespClient(f"redis://127.0.0.1:{port}/3", timeout_s=0.4)
+        with pytest.raises(RedisConnectionError):  # SELECT during the connect: never answered
+            await selecting.evalsha(_sha(ECHO), ["k"], ["v", 1], ECHO)
+        await selecting.close()
         listener.close()
         with pytest.raises(RedisConnectionError):
             await client.evalsha(_sha(ECHO), ["k"], ["v", 1], ECHO)  # nobody listens now

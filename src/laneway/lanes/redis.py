@@ -15,8 +15,9 @@ Keys, for prefix P and lane key K:
     channel P r:R   grants and interrupts for replica R's tickets: hand-off by
                     notification, with a slow check as the safety net for lost messages
 
-A ticket id is "R:seq:entered_ms:owner". A holder that cannot renew its lease in time is told it
-lost the lane (`on_lost`) and must stop; the fence keeps it from writing if it does not.
+A ticket id is "R:seq:entered_ms:owner". A holder that cannot renew its lease in time is
+told it lost the lane (`on_lost`) and must stop; the fence keeps it from writing if it
+does not.
 """
 
 from __future__ import annotations

@@ -196,6 +196,7 @@ class RespClient:
             if self._proto is not None and not self._proto.lost:
                 return self._proto
             loop = asyncio.get_running_loop()
+            proto: _Protocol | None = None
             try:
                 async with asyncio.timeout(self._timeout):
                     _, proto = await loop.create_connection(_Protocol, self._host, self._port)
@@ -204,9 +205,14 @@ class RespClient:
                     ):
                         reply = await self._send(proto, _encode(command))  # under the timeout
                         if isinstance(reply, ResponseError):
-                            proto.transport.abort()  # type: ignore[union-attr]
                             raise RedisConnectionError(f"Redis refused {command[0]}: {reply}")
-            except (OSError, TimeoutError) as e:
-                raise RedisConnectionError(f"cannot connect to Redis: {type(e).__name__}") from None
+            except BaseException as e:
+                if proto is not None and proto.transport is not None:
+                    proto.transport.abort()
+                if isinstance(e, (OSError, TimeoutError)):
+                    raise RedisConnectionError(
+                        f"cannot connect to Redis: {type(e).__name__}") from None
+                raise
+            assert proto is not None
             self._proto = proto
             return proto
