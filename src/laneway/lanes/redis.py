@@ -288,6 +288,7 @@ class RedisLanes:
         #: by the heartbeat.
         self._early: dict[str, tuple[int, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._alive_ok = time.monotonic()
 
     async def open(self) -> None:
@@ -298,11 +299,14 @@ class RedisLanes:
         ]
 
     async def close(self) -> None:
+        """Stop the listener and the heartbeat. Their loops also end on `_closing`: a
+        cancellation that lands inside redis-py may come back out as a `RedisError`,
+        which they would otherwise take for an outage and retry."""
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, RedisError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._alive_key())
         await self._redis.aclose()
@@ -401,7 +405,7 @@ class RedisLanes:
 
     async def _listen(self) -> None:
         """Grants and interrupts for this replica's tickets; reconnects after an outage."""
-        while True:
+        while not self._closing:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(f"{self.prefix}r:{self.replica}")
@@ -430,7 +434,7 @@ class RedisLanes:
     async def _heartbeat(self) -> None:
         """Renew this replica's liveness and every lease it holds, five times a lease.
         A lease not renewed in time is lost: its holder is told to stop."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.lease_ms / 5000)
             held = [t for t in self._tickets.values()
                     if t._future.done() and not t._done and not t.lost]
