@@ -134,8 +134,7 @@ class SqliteDriver:
                 return
             else:
                 for (_, _, future), is_stale in zip(batch, stale):
-                    _settle(future, StaleFence("the session was claimed by a newer lane grant")
-                            if is_stale else None)
+                    _settle(future, _stale() if is_stale else None)
                 return
         for sql, write, future in batch:
             try:
@@ -143,8 +142,7 @@ class SqliteDriver:
             except Exception as e:
                 _settle(future, e)
             else:
-                _settle(future, StaleFence("the session was claimed by a newer lane grant")
-                        if stale else None)
+                _settle(future, _stale() if stale else None)
 
     def _write_all(self, writes: list[tuple[Statements, TurnWrite]]) -> list[bool]:
         """One transaction; a write whose session no longer carries its fence writes
@@ -200,6 +198,10 @@ class SqliteDriver:
             raise Unavailable(f"the store (SQLite) cannot write: {e}", retry_after=1.0) from None
         if self._checkpointer is not None:
             self._checkpointer.dirty.set()
+
+
+def _stale() -> StaleFence:
+    return StaleFence("the session was claimed by a newer lane grant")
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
