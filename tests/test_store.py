@@ -161,7 +161,6 @@ async def test_memory_search_and_scopes(store: SqlStore) -> None:
     scope = MemoryScope("t", "default", state.id)
     found = await store.search_memories(scope, "What tea does Ann like?", 5)
     assert [m.text for m in found] == ["Ann likes green tea"]
-    assert [m.text for m in await store.pinned_memories(scope, 5)] == ["the launch is on Friday"]
     recalled = await store.recall(scope, "does Ann like tea?", 5)
     assert [m.text for m in recalled] == ["the launch is on Friday", "Ann likes green tea"]
     assert [m.text for m in await store.recall(scope, "", 5)] == ["the launch is on Friday"]

@@ -64,7 +64,7 @@ class SqlStore:
         self.sql = Statements(self.driver.dialect)
         self.exclusive = exclusive
         self._cache: OrderedDict[SessionRef, SessionState] = OrderedDict()
-        #: Exclusive mode: whether a memory scope has any memory (skips recall queries).
+        #: Exclusive mode: whether an agent-wide memory scope has any memory (skips recall).
         self._has_memories: dict[MemoryScope, bool] = {}
         self._cache_size = cache_sessions
 
@@ -132,8 +132,8 @@ class SqlStore:
             ],
         )
         await self.driver.commit_turn(self.sql, write)
-        if turn.memories:
-            self._remember_memories(MemoryScope(state.ref.tenant, state.ref.agent, owner), True)
+        if turn.memories and owner is None:
+            self._remember_memories(MemoryScope(state.ref.tenant, state.ref.agent, None), True)
         state.has_memories = state.has_memories or own_memories
         state.revision += 1
         state.turns += 1
@@ -157,14 +157,14 @@ class SqlStore:
 
     async def recall(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]:
         """Pinned memories, then those matching `query`. A process that is the only writer
-        remembers which scopes have no memories at all and skips both queries for them."""
-        if self.exclusive:
+        remembers which agent scopes have no memories at all and skips both queries for
+        them (a session's own row says whether it has any: `SessionState.has_memories`)."""
+        if self.exclusive and scope.session_id is None:
             known = self._has_memories.get(scope)
             if known is None:
-                sql = (self.sql.any_memory_agent if scope.session_id is None
-                       else self.sql.any_memory_session)
                 async with self.driver.connect() as conn:
-                    known = bool(await conn.fetch(sql, _scope_params(scope)))
+                    known = bool(await conn.fetch(self.sql.any_memory_agent,
+                                                  _scope_params(scope)))
                 self._remember_memories(scope, known)
             if not known:
                 return []
@@ -181,10 +181,6 @@ class SqlStore:
         self._has_memories[scope] = present
         if len(self._has_memories) > self._cache_size * 4:
             self._has_memories.pop(next(iter(self._has_memories)))
-
-    async def pinned_memories(self, scope: MemoryScope, limit: int) -> list[Memory]:
-        sql = self.sql.pinned_agent if scope.session_id is None else self.sql.pinned_session
-        return await self._memories(sql, scope, limit)
 
     async def memories(self, scope: MemoryScope, limit: int) -> list[Memory]:
         sql = self.sql.memories_agent if scope.session_id is None else self.sql.memories_session

@@ -115,7 +115,6 @@ class Statements:
         self.memories_agent = c(in_agent.order_by(*newest).limit(_p("limit")))
         self.pinned_session = c(in_session.where(pinned).order_by(*newest).limit(_p("limit")))
         self.pinned_agent = c(in_agent.where(pinned).order_by(*newest).limit(_p("limit")))
-        self.any_memory_session = c(in_session.limit(1))
         self.any_memory_agent = c(in_agent.limit(1))
         self.summary = c(select(*_SUMMARY).where(*_IDENTITY, _s.c.revision > 0))
         self.transcript = c(
