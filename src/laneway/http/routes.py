@@ -293,6 +293,11 @@ class Api:
 
     async def list_lanes(self, request: Request) -> Response:
         caller = self.auth.caller(request.headers)
+        return JSON({"object": "list", "data": await self.visible_lanes(caller)})
+
+    async def visible_lanes(self, caller: Caller) -> list[dict[str, Any]]:
+        """The busy lanes the caller may see (its tenant's; all for an admin), as
+        `/v1/lanes` and the operator page show them."""
         data = []
         for info in await self.lanes.busy():
             tenant, agent, key = info.key.split("/", 2)
@@ -310,7 +315,7 @@ class Api:
                     "oldest_wait_s": round(info.oldest_wait_s, 3),
                 }
             )
-        return JSON({"object": "list", "data": data})
+        return data
 
     async def healthz(self, request: Request) -> Response:
         try:

@@ -109,15 +109,7 @@ class UiRoutes:
 
     async def snapshot(self, caller: Caller) -> dict[str, Any]:
         now = time.time()
-        lanes: list[dict[str, Any]] = []
-        for info in await self.api.lanes.busy():
-            tenant, agent, key = info.key.split("/", 2)
-            if caller.admin or tenant == caller.tenant:
-                lanes.append({"session_key": key, "agent": agent, "tenant": tenant,
-                              "running": info.running, "queue_depth": info.waiting,
-                              "turn_id": info.holder,
-                              "turn_age_s": round(info.held_for_s, 3),  # as in /v1/lanes
-                              "oldest_wait_s": round(info.oldest_wait_s, 3)})
+        lanes = await self.api.visible_lanes(caller)
         lanes.sort(key=lambda lane: (-lane["queue_depth"], -lane["turn_age_s"]))
         turns = _visible(self.api.service.recent, caller)
         return {
