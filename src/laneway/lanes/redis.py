@@ -257,7 +257,7 @@ class RedisTicket:
             logger.warning("could not release %s: its lease will run out", self.key)
             return
         if granted:  # the next ticket may be this replica's: no need to wait for the message
-            lanes._dispatch(f"grant|{granted[0]}|{granted[1]}")
+            lanes._granted(granted[0], int(granted[1]))
 
 
 class RedisLanes:
@@ -420,16 +420,20 @@ class RedisLanes:
         kind, _, rest = data.partition("|")
         if kind == "grant":
             ticket_id, _, fence = rest.rpartition("|")
-            ticket = self._tickets.get(ticket_id)
-            if ticket is None:
-                if ticket_id.startswith(self.replica + ":"):
-                    self._early[ticket_id] = (int(fence), time.monotonic())
-            else:
-                ticket._grant(int(fence))
+            self._granted(ticket_id, int(fence))
         elif kind == "interrupt":
             ticket = self._tickets.get(rest)
             if ticket is not None and ticket.on_interrupt is not None:
                 ticket.on_interrupt()
+
+    def _granted(self, ticket_id: str, fence: int) -> None:
+        """A grant, from a notification or from this replica's own RELEASE: a no-op for a
+        ticket already granted or of another replica."""
+        ticket = self._tickets.get(ticket_id)
+        if ticket is not None:
+            ticket._grant(fence)
+        elif ticket_id.startswith(self.replica + ":"):
+            self._early[ticket_id] = (fence, time.monotonic())
 
     async def _heartbeat(self) -> None:
         """Renew this replica's liveness and every lease it holds, five times a lease.
