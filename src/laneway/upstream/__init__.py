@@ -19,7 +19,7 @@ async def open_upstreams(
     agents: list[AgentConfig],
     session: aiohttp.ClientSession,
     timeout_s: float,
-    max_reply_bytes: int = 8 * 1024 * 1024,
+    max_reply_bytes: int,
 ) -> dict[str, Upstream]:
     """One upstream per agent; agents on the same URL and model share one object, and all
     local agents share the one in-process model."""

@@ -31,7 +31,7 @@ class HttpUpstream:
         model: str,
         api_key: str | None,
         timeout_s: float,
-        max_reply_bytes: int = 8 * 1024 * 1024,
+        max_reply_bytes: int,
     ) -> None:
         self.model = model
         self._session = session
