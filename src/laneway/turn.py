@@ -45,7 +45,7 @@ class Turn:
         "interrupt_reason",
         "interruptible",
         "_log",
-        "_next",
+        "_waiters",
     )
 
     def __init__(
@@ -67,42 +67,74 @@ class Turn:
         #: Requests waiting on this turn: its own, collected ones, idempotent repeats.
         self.requests = 1
         self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
         #: Why the running turn is being stopped: "interrupt", "disconnect" or "timeout".
         self.interrupt_reason: str | None = None
         #: True while stopping the turn is safe: the model is running, nothing is committing.
         self.interruptible = False
         self._log: list[Event] = []
-        self._next: asyncio.Future[None] | None = None
+        #: Followers waiting for the next event or the result, each on a future of its own.
+        self._waiters: list[asyncio.Future[None]] = []
 
     # -- producing ----------------------------------------------------------------------
 
     def emit(self, kind: str, value: Any) -> None:
-        if not self.streamed:
-            return
-        self._log.append((kind, value))
-        if self._next is not None:
-            self._next.set_result(None)
-            self._next = None
+        if self.streamed:
+            self._log.append((kind, value))
+            self._wake()
 
     def finish(self, body: dict[str, Any], status: str) -> None:
         self.status = status
         self.result.set_result(body)
         self.emit("done", body)
+        self._wake()
 
     def fail(self, error: LanewayError, status: str = "failed") -> None:
         self.status = status
         self.result.set_exception(error)
         self.result.exception()  # retrieved: followers may be gone; nothing to warn about
         self.emit("error", error)
+        self._wake()
+
+    def abandon(self) -> None:
+        """The turn's task was cancelled before it had a result (shutdown)."""
+        if not self.result.done():
+            self.result.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _changed(self) -> asyncio.Future[None]:
+        """A future of the caller's own, done at the next event or at the result. Setting
+        it directly wakes a follower one loop iteration sooner than `asyncio.shield` of a
+        shared future would, and a follower cancelled meanwhile leaves the others alone."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
     # -- following ----------------------------------------------------------------------
+
+    def watched(self, on_disconnect: str) -> bool:
+        """Whether a follower must watch for its client leaving. Only a queued turn leaves
+        its lane then, and a running one stops only under `on_disconnect = "cancel"`; a
+        follower that need not watch saves a task and two loop iterations per wait."""
+        return bool(self.arrival_position and not self.started) or on_disconnect == "cancel"
+
+    async def settled(self) -> None:
+        """Returns once the turn has its result (or was abandoned)."""
+        while not self.result.done():
+            await self._changed()
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event from the first, then live ones, until the terminal event."""
         if not self.streamed:  # followed as a stream, produced without one: replay the end
+            await self.settled()
             try:
-                yield ("done", await asyncio.shield(self.result))
+                yield ("done", self.result.result())
             except LanewayError as e:
                 yield ("error", e)
             return
@@ -114,9 +146,7 @@ class Turn:
                 yield event
                 if event[0] in TERMINAL:
                     return
-            if self._next is None:
-                self._next = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._next)
+            await self._changed()
 
     def interrupt(self, reason: str) -> None:
         """Stop the turn: at once if the model is running, else before it is called; a

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -33,6 +33,7 @@ from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
 from laneway.service import TurnService, lane_key
 from laneway.store.base import MemoryScope, SessionRef, Store
+from laneway.turn import Turn
 
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,25 @@ class JSON(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class Reply:
+    """A JSON reply as two bare ASGI messages: the hot path needs none of the header
+    bookkeeping of Starlette's `Response`."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, body: bytes, headers: dict[str, str], status: int = 200) -> None:
+        self.body = body
+        self.headers = headers
+        self.status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(b"content-type", b"application/json"),
+               (b"content-length", b"%d" % len(self.body))]
+        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class Api:
@@ -73,7 +93,7 @@ class Api:
         from laneway.http.ui import ui_routes
 
         return [
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_route, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/sessions", self.list_sessions, methods=["GET"]),
@@ -90,9 +110,12 @@ class Api:
     # -- chat ----------------------------------------------------------------------------
 
     async def chat_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The hot path as a bare ASGI app: no router, no middleware stack."""
+        """The hot path as a bare ASGI app: no router, no middleware stack, no Starlette
+        request or response objects."""
         try:
-            response = await self.chat_completions(Request(scope, receive))
+            response = await self.chat_completions(scope, receive)
+        except ClientDisconnect:  # gone before its request was whole: no one to answer
+            return
         except LanewayError as e:
             response = error_response(e)
         except Exception:
@@ -100,12 +123,23 @@ class Api:
             response = error_response(LanewayError("internal error"))
         await response(scope, receive, send)
 
-    async def chat_completions(self, request: Request) -> Response | TurnStream:
-        caller = self.auth.caller(request.headers)
+    async def chat_route(self, request: Request) -> Response | TurnStream:
+        """The router's entry (the app sends POSTs to `chat_asgi` before routing)."""
+        return await self.chat_completions(request.scope, request.receive)
+
+    async def chat_completions(self, scope: Scope, receive: Receive) -> Response | TurnStream:
+        # Lower-case names (ASGI); the first of repeated headers wins, as in Starlette.
+        request_headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in reversed(scope["headers"])
+        }
+        caller = self.auth.caller(request_headers)
         self.rate.check(caller.tenant)
-        body = await _read_body(request, self.settings.max_body_bytes)
-        chat = parse_chat(body, request.headers, self.settings, caller.tenant)
+        body = await _read_body(receive, request_headers, self.settings.max_body_bytes)
+        chat = parse_chat(body, request_headers, self.settings, caller.tenant)
         turn = await self.service.submit(chat)
+        if not chat.stream:
+            await self.service.run_here(turn)
         headers = {
             "x-laneway-session-key": turn.ref.key,
             "x-laneway-turn-id": turn.id,
@@ -119,20 +153,18 @@ class Api:
                 turn, headers, chat.include_usage, self.settings.queue_keepalive_s, on_disconnect
             )
         if not turn.result.done():
-            gone = asyncio.ensure_future(disconnected(request.receive))
-            try:
-                await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-            if not turn.result.done():  # the client left: the turn goes on without it
-                turn.detach(on_disconnect)
-                return Response(status_code=499)
+            if turn.watched(on_disconnect):
+                if not await _follow(turn, receive):  # the client left first
+                    turn.detach(on_disconnect)
+                    return Response(status_code=499)
+            else:  # running already, and a disconnect would not stop it: nothing to watch
+                await turn.settled()
         try:
             result = turn.result.result()
         except LanewayError as e:
             return error_response(e, headers)
         headers["x-laneway-queue-wait-ms"] = f"{turn.queue_wait_ms:.1f}"
-        return JSON(result, headers=headers)
+        return Reply(orjson.dumps(result), headers)
 
     # -- models --------------------------------------------------------------------------
 
@@ -329,23 +361,39 @@ class Api:
 
     async def prometheus(self, request: Request) -> Response:
         busy = await self.lanes.busy()
-        self.metrics.active_lanes.set(len(busy))
-        self.metrics.queue_depth.set(sum(info.waiting for info in busy))
+        self.metrics.active_lanes = len(busy)
+        self.metrics.queue_depth = sum(info.waiting for info in busy)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _follow(turn: Turn, receive: Receive) -> bool:
+    """Wait for the turn's result while watching for a disconnect: False if the client
+    left first (a queued turn then leaves its lane, a running one may be stopped)."""
+    gone = asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return turn.result.done()
 
 
 def _int_param(value: str | None, name: str, *, default: int, high: int) -> int:

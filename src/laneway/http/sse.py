@@ -48,7 +48,10 @@ class TurnStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
         events = aiter(turn.events())
-        gone = asyncio.ensure_future(disconnected(receive))
+        gone = (
+            asyncio.ensure_future(disconnected(receive))
+            if turn.watched(self.on_disconnect) else None
+        )
         try:
             if turn.arrival_position and not turn.started:
                 await self._start(send)
@@ -63,7 +66,8 @@ class TurnStream:
             if first is None or not await self._body(events, first, gone, send):
                 turn.detach(self.on_disconnect)
         finally:
-            gone.cancel()
+            if gone is not None:
+                gone.cancel()
 
     async def _start(self, send: Send) -> None:
         headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
@@ -75,7 +79,7 @@ class TurnStream:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def _wait_in_queue(
-        self, events: AsyncIterator[Event], gone: asyncio.Future[None], send: Send
+        self, events: AsyncIterator[Event], gone: asyncio.Future[None] | None, send: Send
     ) -> Event | None:
         """Comments until the turn's first event; None if the client left meanwhile."""
         assert self.turn.ticket is not None
@@ -84,6 +88,7 @@ class TurnStream:
             while True:
                 position = await self.turn.ticket.position()
                 await _write(send, b": queued position=%d\n\n" % position)
+                assert gone is not None, "a queued turn is watched"
                 done, _ = await asyncio.wait(
                     {first, gone}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -95,7 +100,11 @@ class TurnStream:
             first.cancel()
 
     async def _body(
-        self, events: AsyncIterator[Event], event: Event, gone: asyncio.Future[None], send: Send
+        self,
+        events: AsyncIterator[Event],
+        event: Event,
+        gone: asyncio.Future[None] | None,
+        send: Send,
     ) -> bool:
         """Relay events until the turn ends: True, or False if the client left first."""
         role_sent = relayed = False
@@ -118,6 +127,9 @@ class TurnStream:
             elif kind == "done":
                 await self._end(send, value, whole=not relayed)
                 return True
+            if gone is None:
+                event = await anext(events)
+                continue
             if gone.done():
                 return False
             if watch:
@@ -154,7 +166,9 @@ class TurnStream:
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-async def _first_output(events: AsyncIterator[Event], gone: asyncio.Future[None]) -> Event | None:
+async def _first_output(
+    events: AsyncIterator[Event], gone: asyncio.Future[None] | None
+) -> Event | None:
     """The first event that is not "start"; None if the client left before it."""
     while (event := await _next(events, gone)) is not None:
         if event[0] != "start":
@@ -162,8 +176,12 @@ async def _first_output(events: AsyncIterator[Event], gone: asyncio.Future[None]
     return None
 
 
-async def _next(events: AsyncIterator[Event], gone: asyncio.Future[None]) -> Event | None:
-    """The next event, or None if the client leaves first."""
+async def _next(
+    events: AsyncIterator[Event], gone: asyncio.Future[None] | None
+) -> Event | None:
+    """The next event, or None if the client leaves first (None: not watched)."""
+    if gone is None:
+        return await anext(events)
     following = asyncio.ensure_future(anext(events))
     done, _ = await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
     if following not in done:

@@ -6,10 +6,13 @@ hops cost more than the work). Checkpoints, which do wait for the disk, run on a
 background thread with their own connection. Statements here never suspend, so a
 transaction cannot interleave with another coroutine's.
 
-Turns are group-committed: the turns that finish in the same event-loop iteration (a burst
-of model replies under load) share one transaction, which costs about a sixth of one
-transaction each. A turn still gets its answer only after its own write is durable, and
-the write of each stays conditional on its own fence.
+Turns are group-committed: the first turn that finishes in an event-loop iteration commits
+at once, and those that finish after it in the same iteration (a burst of model replies
+under load) share one transaction at the start of the next, which costs about a sixth of
+one transaction each. Writing the first at once spares a lone turn the two loop iterations
+of waiting for a group (40 µs of CPU per turn at concurrency 1). A turn still gets its
+answer only after its own write is durable, and the write of each stays conditional on
+its own fence.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class SqliteDriver:
         self._checkpointer: _Checkpointer | None = None
         #: Turn writes waiting for the next group commit, each with its waiter.
         self._pending: list[tuple[Statements, TurnWrite, asyncio.Future[None]]] = []
+        #: Whether a turn write was committed at once in this loop iteration.
+        self._wrote_now = False
 
     async def open(self) -> None:
         if self.path != ":memory:":
@@ -110,11 +115,21 @@ class SqliteDriver:
             self._conn = None
 
     async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._wrote_now:
+            self._wrote_now = True
+            loop.call_soon(self._next_iteration)
+            if self._write_all([(sql, write)])[0]:
+                raise _stale()
+            return
+        future = loop.create_future()
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         self._pending.append((sql, write, future))
         await future
+
+    def _next_iteration(self) -> None:
+        self._wrote_now = False
 
     def _flush(self) -> None:
         """Commit every pending turn write in one transaction. If one of them fails for a
@@ -174,7 +189,7 @@ class SqliteDriver:
         except sqlite3.OperationalError as e:  # disk full, I/O error, locked past the timeout
             raise Unavailable(f"the store (SQLite) cannot write: {e}", retry_after=1.0) from None
         if self._checkpointer is not None:
-            self._checkpointer.dirty.set()
+            self._checkpointer.mark()
         return stale
 
     @contextlib.asynccontextmanager
@@ -197,7 +212,7 @@ class SqliteDriver:
         except sqlite3.OperationalError as e:  # disk full, I/O error, locked past the timeout
             raise Unavailable(f"the store (SQLite) cannot write: {e}", retry_after=1.0) from None
         if self._checkpointer is not None:
-            self._checkpointer.dirty.set()
+            self._checkpointer.mark()
 
 
 def _stale() -> StaleFence:
@@ -242,6 +257,11 @@ class _Checkpointer:
             logger.exception("WAL checkpoint failed")
         finally:
             conn.close()
+
+    def mark(self) -> None:
+        """The WAL has grown. (Setting the event only when clear: it takes a lock.)"""
+        if not self.dirty.is_set():
+            self.dirty.set()
 
     def stop(self) -> None:
         self._stopping.set()
