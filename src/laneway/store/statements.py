@@ -9,7 +9,9 @@ PostgreSQL; the execution layer is what we skip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -28,10 +30,24 @@ class Sql:
     text: str
     names: tuple[str, ...]
     defaults: dict[str, Any]
+    _pick: Callable[[dict[str, Any]], tuple[Any, ...]] = field(init=False, repr=False,
+                                                             compare=False)
+
+    def __post_init__(self) -> None:
+        # One C call per statement instead of a generator step per parameter.
+        if not self.names:
+            pick: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda _params: ()
+        elif len(self.names) == 1:
+            name = self.names[0]
+            pick = lambda params: (params[name],)  # noqa: E731
+        else:
+            pick = itemgetter(*self.names)
+        object.__setattr__(self, "_pick", pick)
 
     def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        defaults = self.defaults
-        return tuple(params[n] if n in params else defaults[n] for n in self.names)
+        if self.defaults:
+            params = {**self.defaults, **params}
+        return self._pick(params)
 
 
 def compile_sql(stmt: ClauseElement, dialect: Dialect) -> Sql:
