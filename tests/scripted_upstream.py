@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import re
 import threading
 import time
@@ -326,9 +327,23 @@ class ScriptedUpstream:
         with self._lock:
             return [dataclasses.replace(c) for c in self._calls if conv in (None, c.conv)]
 
-    def max_concurrency(self, conv: str) -> int:
+    def max_concurrency(self, conv: str, *, abandoned: bool = True) -> int:
+        """The most calls of `conv` in flight at once. With `abandoned=False`, calls whose
+        client hung up are left out: a gateway that abandons a call (an interrupt) closes
+        its connection, and cannot wait for the model to notice before the next turn's
+        call, which may reach the model first."""
         with self._lock:
-            return self._peak.get(conv, 0)
+            if abandoned:
+                return self._peak.get(conv, 0)
+            kept = [c for c in self._calls
+                    if c.conv == conv and (c.ended is None or c.status != 0)]
+        edges = sorted([(c.started, 1) for c in kept]
+                       + [(c.ended if c.ended is not None else math.inf, -1) for c in kept])
+        live = peak = 0
+        for _, step in edges:  # at a tie an end sorts first: back to back is not overlap
+            live += step
+            peak = max(peak, live)
+        return peak
 
     def in_flight(self) -> int:
         with self._lock:

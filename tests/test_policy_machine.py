@@ -132,7 +132,8 @@ class LaneMachine(RuleBasedStateMachine):
         world = self.world
         for key in ("a", "b"):
             conv = world.run + key
-            assert world.upstream.max_concurrency(conv) <= 1, "two turns of one key ran at once"
+            assert world.upstream.max_concurrency(conv, abandoned=False) <= 1, (
+                "two turns of one key ran at once")
             transcript = world.loop.run_until_complete(self._users(conv))
             done = [s for s in world.sent if s.key == key and s.result is not None]
             by_text: dict[str, list[Sent]] = {}
@@ -166,7 +167,7 @@ class LaneMachine(RuleBasedStateMachine):
     @invariant()
     def never_two_at_once(self) -> None:
         for key in ("a", "b"):
-            assert self.world.upstream.max_concurrency(self.world.run + key) <= 1
+            assert self.world.upstream.max_concurrency(self.world.run + key, abandoned=False) <= 1
 
     def teardown(self) -> None:
         self.settle()

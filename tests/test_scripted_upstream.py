@@ -260,6 +260,26 @@ async def test_concurrency_counting(client: AsyncOpenAI, upstream: ScriptedUpstr
     await ask("same")  # sequential afterwards: the peak stays 2, the log grows
     assert upstream.max_concurrency("same") == 2 and len(upstream.calls("same")) == 3
     assert all(c.ended is not None and c.status == 200 for c in upstream.calls("same"))
+    assert upstream.max_concurrency("same", abandoned=False) == 2
+
+
+async def test_concurrency_without_abandoned_calls(upstream: ScriptedUpstream) -> None:
+    """A call whose client hung up counts only where abandoned calls are kept."""
+
+    async def post(http: aiohttp.ClientSession, text: str) -> int:
+        body = {"model": "m", "messages": [user(f"[conv=cut] {text}")]}
+        async with http.post(upstream.url + "/chat/completions", json=body) as resp:
+            return resp.status
+
+    async with aiohttp.ClientSession() as http:
+        abandoned = asyncio.ensure_future(post(http, "[delay=5]"))
+        await wait_for(lambda: upstream.in_flight() == 1)
+        assert await post(http, "meanwhile") == 200
+        abandoned.cancel()
+    await wait_for(lambda: upstream.in_flight() == 0)
+    assert sorted(c.status for c in upstream.calls("cut")) == [0, 200]
+    assert upstream.max_concurrency("cut") == 2
+    assert upstream.max_concurrency("cut", abandoned=False) == 1
 
 
 async def test_fail_directive(client: AsyncOpenAI, upstream: ScriptedUpstream) -> None:

@@ -50,7 +50,6 @@ async def _open(
         return local
     model = agent.upstream_model or await _discover_model(session, agent.upstream, agent)
     return HttpUpstream(
-        session,
         agent.upstream,
         model=model,
         api_key=agent.upstream_api_key,

@@ -1,8 +1,10 @@
-"""Any OpenAI-compatible server over HTTP, through one shared aiohttp session.
+"""Any OpenAI-compatible server over HTTP, through the lean keep-alive client of `h1.py`.
 
-aiohttp rather than httpx: on this hardware httpx spent 3-4x the CPU per request and its
-pool serialised under concurrency. Errors become `UpstreamError`/`UpstreamTimeout` with a
-message that names the failure but never echoes the upstream's body or our credentials.
+Not aiohttp, for the calls of every turn: measured with callgrind on the gateway, its
+request and response machinery cost more instructions than the rest of the turn's Python.
+(httpx was out earlier: 3-4x aiohttp's CPU, and its pool serialised under concurrency.)
+Errors become `UpstreamError`/`UpstreamTimeout` with a message that names the failure but
+never echoes the upstream's body or our credentials.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from laneway.errors import UpstreamError, UpstreamTimeout
+from laneway.upstream.h1 import Connection, Origin, ResponseError, ResponseTimeout
 
 _DONE = b"[DONE]"
 
@@ -25,7 +28,6 @@ class HttpUpstream:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         base_url: str,
         *,
         model: str,
@@ -34,30 +36,32 @@ class HttpUpstream:
         max_reply_bytes: int,
     ) -> None:
         self.model = model
-        self._session = session
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Content-Type": "application/json"}
+        url = base_url.rstrip("/") + "/chat/completions"
+        self._origin = Origin(url, connect_timeout_s=min(timeout_s, 10))
+        parts = urlsplit(url)
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = "Content-Type: application/json\r\nAccept-Encoding: identity\r\n"
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10))
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(timeout_s, 10), sock_read=timeout_s
-        )
+            headers += f"Authorization: Bearer {api_key}\r\n"
+        self._headers = headers.encode("latin-1")
         self._timeout_s = timeout_s
         self._max_reply = max_reply_bytes
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         data = orjson.dumps({**body, "model": self.model})
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        conn: Connection | None = None
         try:
-            async with self._session.post(
-                self._url, data=data, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                payload = await self._read(resp)
-                _check_status(resp.status, payload)
-        except asyncio.TimeoutError:
+            conn = await self._origin.post(self._path, self._headers, data, deadline)
+            payload = await self._read(conn, deadline)
+            _check_status(conn.status, payload)
+        except ResponseTimeout:
             raise UpstreamTimeout(f"the model did not answer within {self._timeout_s:g}s") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"could not reach the model: {type(e).__name__}") from None
+        except ResponseError as e:
+            raise UpstreamError(f"could not reach the model: {e.what}") from None
+        finally:
+            if conn is not None:
+                self._origin.release(conn)
         try:
             result = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -75,53 +79,73 @@ class HttpUpstream:
                 "stream_options": {"include_usage": True},
             }
         )
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        conn: Connection | None = None
         try:
-            async with self._session.post(
-                self._url, data=data, headers=self._headers, timeout=self._stream_timeout
-            ) as resp:
-                if resp.status != 200:
-                    _check_status(resp.status, await self._read(resp))
-                received = 0
-                async for line in resp.content:
-                    received += len(line)
+            conn = await self._origin.post(self._path, self._headers, data, deadline)
+            if conn.status != 200:
+                _check_status(conn.status, await self._read(conn, deadline))
+            received = 0
+            rest = b""
+            while (piece := await conn.read(None, idle_s=self._timeout_s)) is not None:
+                lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
+                rest = lines.pop()
+                if received + len(rest) > self._max_reply:
+                    raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+                for line in lines:
+                    received += len(line) + 1
                     if received > self._max_reply:
                         raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == _DONE:
+                    chunk = _event(line)
+                    if chunk is _END:
                         return
-                    try:
-                        chunk = orjson.loads(payload)
-                    except orjson.JSONDecodeError:
-                        raise UpstreamError("the model streamed invalid JSON") from None
-                    if not isinstance(chunk, dict):
-                        raise UpstreamError("the model streamed a non-object chunk")
-                    if "error" in chunk:
-                        raise UpstreamError("the model reported an error mid-stream")
-                    yield chunk
-        except asyncio.TimeoutError:
+                    if chunk is not None:
+                        yield chunk
+        except ResponseTimeout:
             raise UpstreamTimeout(
                 f"the model's stream was silent for {self._timeout_s:g}s"
             ) from None
-        except aiohttp.ClientError as e:
-            raise UpstreamError(f"the model's stream broke: {type(e).__name__}") from None
+        except ResponseError as e:
+            raise UpstreamError(f"the model's stream broke: {e.what}") from None
+        finally:
+            if conn is not None:
+                self._origin.release(conn)
         raise UpstreamError("the model's stream ended before [DONE]")
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, conn: Connection, deadline: float) -> bytes:
         """The body, refusing one over the reply limit before holding it all."""
-        if (resp.content_length or 0) > self._max_reply:
-            raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(65536):
-            size += len(chunk)
+        pieces, size = [], 0
+        while (piece := await conn.read(deadline)) is not None:
+            size += len(piece)
             if size > self._max_reply:
                 raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            pieces.append(piece)
+        return b"".join(pieces)
 
     async def close(self) -> None:
+        self._origin.close()
+
+
+_END: Any = object()
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    """The chunk a server-sent event line carries: None for other lines, `_END` for
+    `data: [DONE]`."""
+    if not line.startswith(b"data:"):
         return None
+    payload = line[5:].strip()
+    if payload == _DONE:
+        return _END
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("the model streamed invalid JSON") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("the model streamed a non-object chunk")
+    if "error" in chunk:
+        raise UpstreamError("the model reported an error mid-stream")
+    return chunk
 
 
 def _check_status(status: int, payload: bytes) -> None:

@@ -1,0 +1,188 @@
+"""The lean upstream HTTP client (`upstream/h1.py`) against a raw TCP server written here, so
+each test controls the bytes and their timing: keep-alive reuse, chunked bodies and events
+split anywhere, a pooled connection the server closed, a response cut short, silence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+
+from laneway.errors import UpstreamError, UpstreamTimeout
+from laneway.upstream.http import HttpUpstream
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+REPLY = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                   "finish_reason": "stop"}]})
+ASK = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+class Server:
+    """Answers each request with `handler(reader, writer, n)`, n counting requests from 0."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests = 0
+        self.bodies: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.bodies.append(await reader.readexactly(length))
+                n, self.requests = self.requests, self.requests + 1
+                await self.handler(reader, writer, n)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[Server, str]]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> tuple[Server, str]:
+        server = Server(handler)
+        listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+        servers.append(listener)
+        port = listener.sockets[0].getsockname()[1]
+        return server, f"http://127.0.0.1:{port}/v1"
+
+    yield start
+    for listener in servers:
+        listener.close()
+
+
+def upstream(url: str, *, timeout_s: float = 5.0, max_reply: int = 1 << 20) -> HttpUpstream:
+    return HttpUpstream(url, model="m", api_key="sk-test", timeout_s=timeout_s,
+                        max_reply_bytes=max_reply)
+
+
+def whole(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        len(body), extra, body)
+
+
+def chunked(*pieces: bytes) -> list[bytes]:
+    return [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+            *(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces), b"0\r\n\r\n"]
+
+
+async def test_keep_alive_reuses_one_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.write(whole(REPLY))
+
+    server, url = await serve(handler)
+    client = upstream(url)
+    for _ in range(5):
+        assert (await client.complete(ASK))["choices"][0]["message"]["content"] == "hi"
+    assert (server.requests, server.connections) == (5, 1)
+    sent = orjson.loads(server.bodies[0])
+    assert sent["model"] == "m" and sent["messages"] == ASK["messages"]
+    await client.close()
+
+
+async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-untyped-def]
+    events = b"".join(
+        b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": c}}]}) + b"\n\n"
+        for c in ("a", "b", "c")
+    ) + b"data: [DONE]\n\n"
+    response = b"".join(chunked(events[:7], events[7:40], events[40:]))
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        for i in range(0, len(response), 5):  # five bytes at a time
+            w.write(response[i : i + 5])
+            await w.drain()
+            await asyncio.sleep(0)
+
+    server, url = await serve(handler)
+    client = upstream(url)
+    for _ in range(2):
+        deltas = [c["choices"][0]["delta"]["content"] async for c in client.stream(ASK)]
+        assert deltas == ["a", "b", "c"]
+    assert server.connections <= 2
+    await client.close()
+
+
+async def test_a_pooled_connection_the_server_closed_is_retried(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.write(whole(REPLY))
+        if n == 0:  # keep-alive claimed, then the idle connection is closed
+            await w.drain()
+            w.close()
+
+    server, url = await serve(handler)
+    client = upstream(url)
+    await client.complete(ASK)
+    await asyncio.sleep(0.05)
+    assert (await client.complete(ASK))["choices"][0]["message"]["content"] == "hi"
+    assert server.connections == 2
+    await client.close()
+
+
+async def test_a_response_cut_short_is_an_upstream_error(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.write(whole(REPLY)[:-10])
+        await w.drain()
+        w.close()
+
+    _, url = await serve(handler)
+    client = upstream(url)
+    with pytest.raises(UpstreamError, match="could not reach the model"):
+        await client.complete(ASK)
+    await client.close()
+
+
+async def test_garbage_is_an_upstream_error(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    _, url = await serve(handler)
+    with pytest.raises(UpstreamError, match="not valid HTTP"):
+        await upstream(url).complete(ASK)
+
+
+async def test_silence_is_a_timeout_and_the_connection_is_not_reused(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        if n == 0:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")  # then nothing
+        else:
+            w.write(whole(REPLY))
+
+    server, url = await serve(handler)
+    client = upstream(url, timeout_s=0.3)
+    with pytest.raises(UpstreamTimeout):
+        await client.complete(ASK)
+    assert (await client.complete(ASK))["choices"][0]["message"]["content"] == "hi"
+    assert server.connections == 2
+    await client.close()
+
+
+async def test_a_cancelled_call_closes_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    """An interrupted turn cancels its model call: the server must see the hang-up."""
+    hung_up = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        if not await r.read(1):  # no response; wait for the client to go away
+            hung_up.set()
+
+    _, url = await serve(handler)
+    call = asyncio.ensure_future(upstream(url).complete(ASK))
+    await asyncio.sleep(0.1)
+    call.cancel()
+    await asyncio.wait_for(hung_up.wait(), 5)
+
+
+async def test_an_oversized_reply_is_refused(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.write(whole(b"x" * 5000))
+
+    _, url = await serve(handler)
+    with pytest.raises(UpstreamError, match="over 1000 bytes"):
+        await upstream(url, max_reply=1000).complete(ASK)
