@@ -94,3 +94,16 @@ def test_profile_summary(monkeypatch: pytest.MonkeyPatch) -> None:
         {"function": "handle (laneway/service.py)", "samples": 3, "percent": 75.0}
     ]
     assert [p["function"] for p in summary["by_package"]] == ["laneway", "orjson"]
+
+
+def test_instruction_counts_run() -> None:
+    """`benchmarks/instructions.py` counts under callgrind: a laneway turn costs more than
+    the bare relay, and both a sane amount (tens of thousands to tens of millions)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--requests", "20"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()}
+    assert set(counts) == {"bare", "laneway"}, proc.stdout
+    assert 0.05 < counts["bare"] < counts["laneway"] < 20, counts

@@ -1,0 +1,117 @@
+"""Instructions per request, counted by callgrind: a figure that this noisy 2-core VM does not
+move (two runs of one build agree to the third digit), where CPU seconds swing by 15%
+from minute to minute. It leaves out the kernel's side of system calls, so it complements
+`laneway bench`'s CPU figures rather than replacing them.
+
+The server runs under `valgrind --tool=callgrind`, gets a warm-up, then its counters are
+dumped before and after `--requests` requests at concurrency 1, one session key per 20
+requests, against the scripted upstream with no delay.
+
+    python -m benchmarks.instructions [--requests 300] [--stream] [--laneway-src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from benchmarks.loadgen import Job
+from benchmarks.procs import Proc, Procs, free_port, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--targets", default="bare,laneway")
+    parser.add_argument("--laneway-src", type=Path, help="a src/ directory to run laneway from")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="laneway-instr-") as tmp:
+        procs = Procs(Path(tmp))
+        try:
+            port = free_port()
+            upstream = procs.spawn("upstream", [sys.executable, "-m", "benchmarks.upstream",
+                                                "--port", str(port)],
+                                   env={"PYTHONPATH": str(ROOT)})
+            base = f"http://127.0.0.1:{port}"
+            wait_http(upstream, base + "/v1/models")
+            loadgen = procs.spawn("loadgen", [sys.executable, "-m", "benchmarks.loadgen"],
+                                  env={"PYTHONPATH": str(ROOT)}, pipe=True)
+            for target in args.targets.split(","):
+                count = measure(procs, loadgen, target, base, Path(tmp), args)
+                print(f"{target:10s} {count / 1e6:.3f} M instructions / request"
+                      f" ({'stream' if args.stream else 'plain'}, c1)", flush=True)
+        finally:
+            procs.stop_all()
+
+
+def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
+            args: argparse.Namespace) -> float:
+    port = free_port()
+    env = {"PYTHONPATH": str(ROOT)}
+    if target == "bare":
+        argv = [sys.executable, "-m", "benchmarks.passthrough", "--upstream", upstream,
+                "--port", str(port)]
+    elif target == "laneway":
+        argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
+                "--data-dir", str(tmp / "data"), "--upstream", upstream + "/v1",
+                "--upstream-model", "bench", "--log-level", "warning"]
+        if args.laneway_src:
+            env["PYTHONPATH"] = f"{args.laneway_src.resolve()}:{ROOT}"
+    else:
+        raise SystemExit(f"unknown target {target!r}: bare or laneway")
+    out = tmp / f"callgrind-{target}"
+    server = procs.spawn(target, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                  *argv], env=env)
+    try:
+        wait_http(server, f"http://127.0.0.1:{port}/v1/models", timeout_s=300)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        _load(loadgen, Job(url=url, requests=100, concurrency=1, stream=args.stream))
+        _dump(server)
+        _load(loadgen, Job(url=url, requests=args.requests, concurrency=1, stream=args.stream))
+        _dump(server)
+        return _total(Path(f"{out}.2")) / args.requests
+    finally:
+        procs.stop(server, grace_s=60)
+
+
+def _load(loadgen: Proc, job: Job) -> None:
+    assert loadgen.popen.stdin is not None and loadgen.popen.stdout is not None
+    loadgen.popen.stdin.write(orjson.dumps(dataclasses.asdict(job)) + b"\n")
+    loadgen.popen.stdin.flush()
+    result = orjson.loads(loadgen.popen.stdout.readline())
+    if result.get("fatal") or result.get("errors"):
+        raise RuntimeError(f"the load failed: {result}")
+
+
+def _dump(server: Proc) -> None:
+    """Write the counters since the last dump to a new numbered file."""
+    subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True,
+                   capture_output=True)
+    time.sleep(0.5)
+
+
+def _total(path: Path) -> int:
+    for _ in range(100):
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+        time.sleep(0.1)
+    raise RuntimeError(f"callgrind wrote no {path}")
+
+
+if __name__ == "__main__":
+    main()
