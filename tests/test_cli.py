@@ -56,6 +56,8 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert config.parse_api_keys(["plain", "t2=k"]) == {"plain": "default", "k": "t2"}
     with pytest.raises(config.ConfigError):
         config.load({"config": path, "lanes": "zookeeper://x"})
+    with pytest.raises(config.ConfigError, match="upstream"):
+        config.load({"config": path, "upstream": "ftp://models.example/v1"})
 
 
 async def test_env_vars_and_api_keys(gateways: StartGateway, upstream: ScriptedUpstream) -> None:

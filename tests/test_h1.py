@@ -5,12 +5,15 @@ split anywhere, a pooled connection the server closed, a response cut short, sil
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
 
 from laneway.errors import UpstreamError, UpstreamTimeout
+from laneway.upstream.h1 import Origin
 from laneway.upstream.http import HttpUpstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -186,3 +189,40 @@ async def test_an_oversized_reply_is_refused(serve) -> None:  # type: ignore[no-
     _, url = await serve(handler)
     with pytest.raises(UpstreamError, match="over 1000 bytes"):
         await upstream(url, max_reply=1000).complete(ASK)
+
+
+async def test_https_with_certificate_checks(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """TLS through the loop, verified against the system's trust store (here: a CA file)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = Server(lambda _r, w, _n: _write(w, whole(REPLY)))
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamError, match="SSL"):  # not trusted yet
+            await upstream(f"https://localhost:{port}/v1").complete(ASK)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        client = upstream(f"https://localhost:{port}/v1")
+        for _ in range(2):
+            assert (await client.complete(ASK))["choices"][0]["message"]["content"] == "hi"
+        assert server.connections == 1  # the refused handshake never got that far
+        await client.close()
+        await asyncio.sleep(0.05)  # the server sees the close
+    finally:
+        listener.close()
+
+
+async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(data)
+
+
+def test_host_header_authority() -> None:
+    assert Origin("http://[::1]:8080/v1", 1).authority == "[::1]:8080"
+    assert Origin("https://api.example.com/v1", 1).authority == "api.example.com"
+    assert Origin("http://127.0.0.1:80/v1", 1).authority == "127.0.0.1"
+    with pytest.raises(ValueError):
+        Origin("ftp://x/v1", 1)

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 POLICIES = ("enqueue", "reject", "interrupt", "collect")
 MEMORY_SCOPES = ("session", "agent")
@@ -214,6 +215,10 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"agent {agent.name}: queue and turn limits must be positive")
         if agent.on_disconnect not in ON_DISCONNECT:
             raise ConfigError(f"agent {agent.name}: on_disconnect must be one of {ON_DISCONNECT}")
+        if agent.upstream not in (None, "local") and not (
+            agent.upstream.startswith(("http://", "https://")) and urlsplit(agent.upstream).hostname
+        ):
+            raise ConfigError(f"agent {agent.name}: upstream must be 'local' or an http(s):// URL")
     if settings.max_concurrent_turns < 0:
         raise ConfigError("max_concurrent_turns must be 0 (no limit) or more")
 

@@ -42,8 +42,9 @@ class Origin:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         default = self.port == (443 if self.ssl else 80)
-        self.authority = self.host if default else f"{self.host}:{self.port}"
+        self.authority = host if default else f"{host}:{self.port}"
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[Connection] = []
 
