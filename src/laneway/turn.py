@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from laneway.errors import LanewayError
@@ -129,24 +128,9 @@ class Turn:
         while not self.result.done():
             await self._changed()
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> Follower:
         """Every event from the first, then live ones, until the terminal event."""
-        if not self.streamed:  # followed as a stream, produced without one: replay the end
-            await self.settled()
-            try:
-                yield ("done", self.result.result())
-            except LanewayError as e:
-                yield ("error", e)
-            return
-        i = 0
-        while True:
-            while i < len(self._log):
-                event = self._log[i]
-                i += 1
-                yield event
-                if event[0] in TERMINAL:
-                    return
-            await self._changed()
+        return Follower(self)
 
     def interrupt(self, reason: str) -> None:
         """Stop the turn: at once if the model is running, else before it is called; a
@@ -190,3 +174,40 @@ class Turn:
             else:
                 view["response"] = self.result.result()
         return view
+
+
+class Follower:
+    """One request's place in a turn's events (see `Turn.events`). `ready()` says whether the
+    next event is there already, so that a stream can send all those in one write."""
+
+    __slots__ = ("turn", "_i", "_ended")
+
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+        self._i = 0
+        self._ended = False
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    def ready(self) -> bool:
+        turn = self.turn
+        return self._i < len(turn._log) if turn.streamed else turn.result.done()
+
+    async def __anext__(self) -> Event:
+        if self._ended:
+            raise StopAsyncIteration
+        turn = self.turn
+        if not turn.streamed:  # followed as a stream, produced without one: replay the end
+            await turn.settled()
+            self._ended = True
+            try:
+                return ("done", turn.result.result())
+            except LanewayError as e:
+                return ("error", e)
+        while self._i >= len(turn._log):
+            await turn._changed()
+        event = turn._log[self._i]
+        self._i += 1
+        self._ended = event[0] in TERMINAL
+        return event

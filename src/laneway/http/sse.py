@@ -9,7 +9,6 @@ only `data:` lines and comments, never `id:`, `event:` or `retry:` fields.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -17,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from laneway.errors import LanewayError
 from laneway.http.errors import error_response
-from laneway.turn import Event, Turn
+from laneway.turn import Event, Follower, Turn
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -79,7 +78,7 @@ class TurnStream:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def _wait_in_queue(
-        self, events: AsyncIterator[Event], gone: asyncio.Future[None] | None, send: Send
+        self, events: Follower, gone: asyncio.Future[None] | None, send: Send
     ) -> Event | None:
         """Comments until the turn's first event; None if the client left meanwhile."""
         assert self.turn.ticket is not None
@@ -101,7 +100,7 @@ class TurnStream:
 
     async def _body(
         self,
-        events: AsyncIterator[Event],
+        events: Follower,
         event: Event,
         gone: asyncio.Future[None] | None,
         send: Send,
@@ -109,24 +108,29 @@ class TurnStream:
         """Relay events until the turn ends: True, or False if the client left first."""
         role_sent = relayed = False
         watch = self.on_disconnect == "cancel"  # notice a disconnect between events too
+        out: list[bytes] = []  # chunks not sent yet: all that are ready go in one write
         while True:
             kind, value = event
             if kind == "error":
                 assert isinstance(value, LanewayError)
-                await _write(send, b"data: " + orjson.dumps(value.body()) + b"\n\n", more=False)
+                out.append(b"data: " + orjson.dumps(value.body()) + b"\n\n")
+                await _write(send, b"".join(out), more=False)
                 return True
             if kind != "start" and not role_sent:
                 role_sent = True
-                await _write(send, self._chunk({"role": "assistant", "content": ""}))
+                out.append(self._chunk({"role": "assistant", "content": ""}))
             if kind == "delta":
                 relayed = True
-                await _write(send, self._chunk({"content": value}))
+                out.append(self._chunk({"content": value}))
             elif kind == "tool_calls":
                 relayed = True
-                await _write(send, self._chunk({"tool_calls": _indexed(value)}))
+                out.append(self._chunk({"tool_calls": _indexed(value)}))
             elif kind == "done":
-                await self._end(send, value, whole=not relayed)
+                await self._end(send, value, whole=not relayed, before=out)
                 return True
+            if out and not events.ready():
+                await _write(send, b"".join(out))
+                out.clear()
             if gone is None:
                 event = await anext(events)
                 continue
@@ -140,11 +144,12 @@ class TurnStream:
             else:
                 event = await anext(events)
 
-    async def _end(self, send: Send, body: dict[str, Any], whole: bool) -> None:
-        """The last chunks; `whole` for a follower that saw no deltas (the turn was not
-        streamed): it gets the reply in one piece."""
+    async def _end(self, send: Send, body: dict[str, Any], whole: bool,
+                   before: list[bytes]) -> None:
+        """The last chunks, after those in `before`; `whole` for a follower that saw no
+        deltas (the turn was not streamed): it gets the reply in one piece."""
         choice = body["choices"][0]
-        out = b""
+        out = b"".join(before)
         message = choice["message"]
         if whole and message.get("content"):
             out += self._chunk({"content": message["content"]})
@@ -167,7 +172,7 @@ class TurnStream:
 
 
 async def _first_output(
-    events: AsyncIterator[Event], gone: asyncio.Future[None] | None
+    events: Follower, gone: asyncio.Future[None] | None
 ) -> Event | None:
     """The first event that is not "start"; None if the client left before it."""
     while (event := await _next(events, gone)) is not None:
@@ -177,7 +182,7 @@ async def _first_output(
 
 
 async def _next(
-    events: AsyncIterator[Event], gone: asyncio.Future[None] | None
+    events: Follower, gone: asyncio.Future[None] | None
 ) -> Event | None:
     """The next event, or None if the client leaves first (None: not watched)."""
     if gone is None:

@@ -1,0 +1,67 @@
+"""A turn as its followers see it: each follower gets every event once and in order, knows
+whether the next one is there already (a stream sends all those in one write), and a
+follower cancelled while waiting leaves the turn and the other followers alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from laneway.errors import LanewayError
+from laneway.store.base import SessionRef
+from laneway.turn import Turn
+
+REF = SessionRef("t", "default", "k")
+
+
+async def test_followers_get_every_event_in_order_and_know_what_is_ready() -> None:
+    turn = Turn(REF, "m", streamed=True)
+    early = turn.events()
+    assert not early.ready()
+    turn.emit("start", None)
+    turn.emit("delta", "a")
+    assert early.ready()
+    assert await anext(early) == ("start", None)
+    assert await anext(early) == ("delta", "a")
+    assert not early.ready()
+    waiting = asyncio.ensure_future(anext(early))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    turn.emit("delta", "b")
+    assert await waiting == ("delta", "b")
+    turn.finish({"id": "x"}, "completed")
+    assert early.ready()
+    assert await anext(early) == ("done", {"id": "x"})
+    with pytest.raises(StopAsyncIteration):
+        await anext(early)
+    late = turn.events()  # arrives after the end: replays everything
+    assert [event async for event in late] == [
+        ("start", None), ("delta", "a"), ("delta", "b"), ("done", {"id": "x"})]
+
+
+async def test_a_cancelled_follower_leaves_the_others_alone() -> None:
+    turn = Turn(REF, "m", streamed=True)
+    gone, staying = turn.events(), turn.events()
+    cancelled = asyncio.ensure_future(anext(gone))
+    kept = asyncio.ensure_future(anext(staying))
+    settled = asyncio.ensure_future(turn.settled())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    turn.emit("delta", "a")
+    assert await kept == ("delta", "a")
+    turn.fail(LanewayError("boom"))
+    await settled
+    assert not turn.result.cancelled()
+    assert (await anext(staying))[0] == "error"
+
+
+async def test_a_turn_without_a_stream_is_followed_by_its_result() -> None:
+    turn = Turn(REF, "m", streamed=False)
+    follower = turn.events()
+    turn.emit("delta", "ignored: nothing is logged")
+    assert not follower.ready()
+    turn.finish({"id": "y"}, "completed")
+    assert follower.ready()
+    assert [event async for event in follower] == [("done", {"id": "y"})]
