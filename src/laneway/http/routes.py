@@ -21,11 +21,11 @@ from laneway.errors import (
     LanewayError,
     ModelNotFound,
     NotFound,
-    PayloadTooLarge,
     Unavailable,
 )
-from laneway.http.errors import error_response
 from laneway.http import openapi
+from laneway.http.errors import error_response
+from laneway.http.replies import JSON, Reply, read_body
 from laneway.http.auth import Auth, Caller, RateLimiter
 from laneway.http.chat import check_session_key, parse_chat
 from laneway.http.sse import TurnStream, disconnected
@@ -40,32 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: The longest a rejoin may wait in one request; a client wanting longer asks again.
 MAX_WAIT_S = 60.0
-
-
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-class Reply:
-    """A JSON reply as two bare ASGI messages: the hot path needs none of the header
-    bookkeeping of Starlette's `Response`."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, body: bytes, headers: dict[str, str], status: int = 200) -> None:
-        self.body = body
-        self.headers = headers
-        self.status = status
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = [(b"content-type", b"application/json"),
-               (b"content-length", b"%d" % len(self.body))]
-        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        await send({"type": "http.response.start", "status": self.status, "headers": raw})
-        await send({"type": "http.response.body", "body": self.body})
 
 
 class Api:
@@ -135,7 +109,7 @@ class Api:
         }
         caller = self.auth.caller(request_headers)
         self.rate.check(caller.tenant)
-        body = await _read_body(receive, request_headers, self.settings.max_body_bytes)
+        body = await read_body(receive, request_headers, self.settings.max_body_bytes)
         chat = parse_chat(body, request_headers, self.settings, caller.tenant)
         turn = await self.service.submit(chat)
         if not chat.stream:
@@ -364,25 +338,6 @@ class Api:
         self.metrics.active_lanes = len(busy)
         self.metrics.queue_depth = sum(info.waiting for info in busy)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _follow(turn: Turn, receive: Receive) -> bool:
