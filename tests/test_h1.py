@@ -226,3 +226,20 @@ def test_host_header_authority() -> None:
     assert Origin("http://127.0.0.1:80/v1", 1).authority == "127.0.0.1"
     with pytest.raises(ValueError):
         Origin("ftp://x/v1", 1)
+
+
+async def test_silence_on_a_pooled_connection_is_not_sent_twice(serve) -> None:  # type: ignore[no-untyped-def]
+    """Only a connection that fails before any answer is retried; a slow model is not, or it
+    would get the request a second time."""
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        if n == 0:
+            w.write(whole(REPLY))
+
+    server, url = await serve(handler)
+    client = upstream(url, timeout_s=0.3)
+    await client.complete(ASK)
+    with pytest.raises(UpstreamTimeout):
+        await client.complete(ASK)
+    await asyncio.sleep(0.1)
+    assert (server.requests, server.connections) == (2, 1)
+    await client.close()

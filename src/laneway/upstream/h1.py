@@ -63,6 +63,8 @@ class Origin:
             try:
                 await conn.send(request, deadline)
                 return conn
+            except ResponseTimeout:  # the model is slow, not the connection stale: no resend
+                raise
             except ResponseError:
                 conn.close()
                 if conn.received:  # the server answered something: not a stale connection
