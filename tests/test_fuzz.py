@@ -24,10 +24,13 @@ def test_schemathesis_finds_nothing(gateways: StartGateway, upstream: ScriptedUp
     gateway = gateways("--upstream", upstream.url, "--max-queue-wait-s", "2",
                        "--upstream-timeout-s", "3")
     st = Path(sys.executable).with_name("st")
+    # One worker: with two, hypothesis describes filters with ast.parse in two threads at
+    # once, which CPython 3.11.7 can fail with a spurious "AST constructor recursion depth
+    # mismatch" (python/cpython#106905; seen once in a clean-clone CI run).
     result = subprocess.run(
         [str(st), "run", gateway.url + "/openapi.json", "--url", gateway.url,
          "--checks", "all", "--exclude-checks", EXCLUDED, "--max-examples", "40",
-         "--workers", "2", "--request-timeout", "65", "--max-response-time", "65", "--max-time", "60",
+         "--workers", "1", "--request-timeout", "65", "--max-response-time", "65", "--max-time", "60",
          "--generation-deterministic", "--no-color"],
         capture_output=True, text=True, timeout=300,
     )
