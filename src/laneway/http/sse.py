@@ -46,7 +46,7 @@ class TurnStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
-        events = aiter(turn.events())
+        events = turn.events()
         gone = (
             asyncio.ensure_future(disconnected(receive))
             if turn.watched(self.on_disconnect) else None

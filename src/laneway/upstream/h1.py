@@ -7,8 +7,9 @@ response object, a timer, a task to write the body. This spends about fifteen.
 
 It speaks what OpenAI-compatible servers answer: a whole body (Content-Length or chunked)
 and server-sent events, over http or https. No redirects, proxies or compression
-(`Accept-Encoding: identity`). A connection that the server closed while it sat idle is
-retried once on a fresh one, and only if not one byte of a response came back.
+(`Accept-Encoding: identity`). A request that fails on an idle connection before one byte of
+a response came back (the server had closed it) goes out again on the next idle connection,
+or a fresh one; a timeout or any answer at all is never retried.
 """
 
 from __future__ import annotations

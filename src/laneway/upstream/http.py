@@ -91,11 +91,11 @@ class HttpUpstream:
                 lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
                 rest = lines.pop()
                 if received + len(rest) > self._max_reply:
-                    raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+                    raise self._too_big()
                 for line in lines:
                     received += len(line) + 1
                     if received > self._max_reply:
-                        raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+                        raise self._too_big()
                     chunk = _event(line)
                     if chunk is _END:
                         return
@@ -118,9 +118,12 @@ class HttpUpstream:
         while (piece := await conn.read(deadline)) is not None:
             size += len(piece)
             if size > self._max_reply:
-                raise UpstreamError(f"the model's reply is over {self._max_reply} bytes")
+                raise self._too_big()
             pieces.append(piece)
         return b"".join(pieces)
+
+    def _too_big(self) -> UpstreamError:
+        return UpstreamError(f"the model's reply is over {self._max_reply} bytes")
 
     async def close(self) -> None:
         self._origin.close()
