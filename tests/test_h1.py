@@ -113,6 +113,25 @@ async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-
     await client.close()
 
 
+async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: ignore[no-untyped-def]
+    """CRLF line ends, comments and `event:` lines pass; a stream over the reply limit is
+    refused even when no line of it ends."""
+    events = (b": keep-alive\r\n\r\nevent: message\r\n"
+              + b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+              + b"\r\n\r\ndata: [DONE]\r\n\r\n")
+    endless = b"data: " + b"x" * 5000
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        w.writelines(chunked(events) if n == 0 else chunked(endless)[:2])
+
+    _, url = await serve(handler)
+    client = upstream(url, max_reply=1000)
+    assert [c["choices"][0]["delta"]["content"] async for c in client.stream(ASK)] == ["a"]
+    with pytest.raises(UpstreamError, match="over 1000 bytes"):
+        [c async for c in client.stream(ASK)]
+    await client.close()
+
+
 async def test_a_pooled_connection_the_server_closed_is_retried(serve) -> None:  # type: ignore[no-untyped-def]
     async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         w.write(whole(REPLY))

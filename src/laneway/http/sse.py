@@ -43,6 +43,11 @@ class TurnStream:
             "created": int(turn.created),
             "model": turn.model,
         }
+        # A chunk is the same bytes as orjson.dumps of the whole dict, put together from
+        # pieces encoded once: only the delta is encoded per chunk.
+        head = orjson.dumps({**self._base, "choices": [{"index": 0, "delta": None}]})
+        self._head = b"data: " + head[: head.rindex(b"null")]
+        self._tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
@@ -162,13 +167,8 @@ class TurnStream:
         await _write(send, out + _DONE, more=False)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        chunk: dict[str, Any] = {
-            **self._base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return (self._head + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":'
+                + orjson.dumps(finish) + self._tail)
 
 
 async def _first_output(

@@ -88,18 +88,16 @@ class HttpUpstream:
             received = 0
             rest = b""
             while (piece := await conn.read(None, idle_s=self._timeout_s)) is not None:
+                received += len(piece)
+                if received > self._max_reply:
+                    raise self._too_big()
                 lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
                 rest = lines.pop()
-                if received + len(rest) > self._max_reply:
-                    raise self._too_big()
                 for line in lines:
-                    received += len(line) + 1
-                    if received > self._max_reply:
-                        raise self._too_big()
-                    chunk = _event(line)
-                    if chunk is _END:
-                        return
-                    if chunk is not None:
+                    if line[:5] == b"data:":  # not blank lines or comments
+                        chunk = _event(line)
+                        if chunk is _END:
+                            return
                         yield chunk
         except ResponseTimeout:
             raise UpstreamTimeout(
@@ -132,11 +130,8 @@ class HttpUpstream:
 _END: Any = object()
 
 
-def _event(line: bytes) -> dict[str, Any] | None:
-    """The chunk a server-sent event line carries: None for other lines, `_END` for
-    `data: [DONE]`."""
-    if not line.startswith(b"data:"):
-        return None
+def _event(line: bytes) -> dict[str, Any]:
+    """The chunk a server-sent `data:` line carries; `_END` for `data: [DONE]`."""
     payload = line[5:].strip()
     if payload == _DONE:
         return _END
