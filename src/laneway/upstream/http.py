@@ -85,20 +85,24 @@ class HttpUpstream:
             conn = await self._origin.post(self._path, self._headers, data, deadline)
             if conn.status != 200:
                 _check_status(conn.status, await self._read(conn, deadline))
-            received = 0
+            received = 0  # bytes of whole lines
             rest = b""
             while (piece := await conn.read(None, idle_s=self._timeout_s)) is not None:
-                received += len(piece)
-                if received > self._max_reply:
-                    raise self._too_big()
-                lines = (rest + piece).split(b"\n") if rest else piece.split(b"\n")
+                data = rest + piece if rest else piece
+                lines = data.split(b"\n")
                 rest = lines.pop()
+                over = received + len(data) > self._max_reply
+                if over:  # relay the lines within the limit, then refuse
+                    lines = _within(lines, self._max_reply - received)
+                received += len(data) - len(rest)
                 for line in lines:
                     if line[:5] == b"data:":  # not blank lines or comments
                         chunk = _event(line)
                         if chunk is _END:
                             return
                         yield chunk
+                if over:
+                    raise self._too_big()
         except ResponseTimeout:
             raise UpstreamTimeout(
                 f"the model's stream was silent for {self._timeout_s:g}s"
@@ -144,6 +148,15 @@ def _event(line: bytes) -> dict[str, Any]:
     if "error" in chunk:
         raise UpstreamError("the model reported an error mid-stream")
     return chunk
+
+
+def _within(lines: list[bytes], budget: int) -> list[bytes]:
+    """The first lines that fit in `budget` bytes, each with its line end."""
+    for i, line in enumerate(lines):
+        budget -= len(line) + 1
+        if budget < 0:
+            return lines[:i]
+    return lines
 
 
 def _check_status(status: int, payload: bytes) -> None:
