@@ -217,3 +217,67 @@ async def test_migration_0002_backfills_has_memories(db_url: str) -> None:
     without = await store.load(SessionRef("t", "default", "k2"), fence=2, window_tokens=100)
     assert with_memory.has_memories and not without.has_memories
     await store.close()
+
+
+async def test_migration_0003_keeps_transcripts_and_turns(db_url: str) -> None:
+    """A database at 0002 with a session, its messages and an idempotent turn, upgraded in
+    place to the session-clustered tables: the session reads back whole."""
+    from laneway.store.migrate import upgrade
+
+    scheme, rest = db_url.split("://", 1)
+    driver = "sqlite+aiosqlite" if scheme == "sqlite" else "postgresql+asyncpg"
+    engine = create_async_engine(f"{driver}://{rest}")
+    now = time.time()
+    async with engine.begin() as conn:
+        await conn.run_sync(upgrade, "0002")
+        await conn.exec_driver_sql(
+            "INSERT INTO sessions (id, tenant, agent, key, created_at, updated_at, revision,"
+            " next_seq, turns, fence) VALUES (7, 't', 'default', 'k', 0, 0, 1, 2, 1, 1)")
+        for seq, role in enumerate(("user", "assistant")):
+            await conn.exec_driver_sql(
+                "INSERT INTO messages (session_id, seq, turn_id, data, tokens) VALUES "
+                f"(7, {seq}, 'turn_a', '{{\"role\": \"{role}\", \"content\": \"m{seq}\"}}', 5)")
+        await conn.exec_driver_sql(
+            "INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,"
+            " queue_wait_ms, usage, response, idempotency_key) VALUES ('turn_a', 7, 'completed',"
+            f" {now}, {now}, {now}, 0, NULL, '{{\"id\": \"chatcmpl-a\"}}', 'idem-1')")
+    await engine.dispose()
+    store = SqlStore(db_url)
+    await store.open()  # runs 0003
+    ref = SessionRef("t", "default", "k")
+    state = await store.load(ref, fence=2, window_tokens=1000)
+    assert [m["content"] for m in state.tail.messages] == ["m0", "m1"]
+    assert await store.idempotent_turn(ref, "idem-1", now - 60) == ("turn_a", {"id": "chatcmpl-a"})
+    assert await store.idempotent_turn(ref, "idem-2", now - 60) is None
+    await store.commit(state, _turn("b", "next"), fence=2)
+    assert [t["id"] for t in await store.turns(ref, 10)] == ["turn_a", "turn_b"]
+    await store.close()
+
+
+def test_lookups_read_indexes_not_tables(tmp_path: Path) -> None:
+    """SQLite's plans for the per-request statements: every table is searched through a key,
+    and an idempotency key through its own index, not among all of its session's turns."""
+    import sqlite3
+
+    from laneway.store.sqlite import SqliteDriver
+    from laneway.store.statements import Statements
+
+    asyncio.run(_open_close(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    sql = Statements(SqliteDriver.dialect)
+    plans = {
+        name: " | ".join(row[3] for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + getattr(sql, name).text,
+            [None] * len(getattr(sql, name).names)))
+        for name in ("session_id", "claim_session", "advance_session", "tail_first",
+                     "tail_before", "turn", "turns", "idempotent_turn", "transcript", "summary")
+    }
+    assert all("SCAN" not in plan for plan in plans.values()), plans
+    assert "INDEX ix_turns_idempotency" in plans["idempotent_turn"]
+    conn.close()
+
+
+async def _open_close(url: str) -> None:
+    store = SqlStore(url)
+    await store.open()
+    await store.close()

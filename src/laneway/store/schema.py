@@ -12,11 +12,13 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 
 Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite only auto-increments INTEGER keys
@@ -56,7 +58,7 @@ messages = Table(
 turns = Table(
     "turns",
     metadata,
-    Column("id", String(40), primary_key=True),
+    Column("id", String(40), nullable=False),
     Column("session_id", Id, ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
     Column("status", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
@@ -66,7 +68,11 @@ turns = Table(
     Column("usage", Text),
     Column("response", Text),
     Column("idempotency_key", String(200)),
-    Index("ix_turns_session", "session_id", "idempotency_key"),
+    # Keyed by session (see migration 0003); on SQLite still a rowid table, appended to.
+    PrimaryKeyConstraint("session_id", "id", name="pk_turns"),
+    Index("ix_turns_idempotency", "session_id", "idempotency_key", "created_at",
+          sqlite_where=text("idempotency_key IS NOT NULL"),
+          postgresql_where=text("idempotency_key IS NOT NULL")),
 )
 
 memories = Table(
