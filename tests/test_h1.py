@@ -107,7 +107,8 @@ async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-
     server, url = await serve(handler)
     client = upstream(url)
     for _ in range(2):
-        deltas = [c["choices"][0]["delta"]["content"] async for c in client.stream(ASK)]
+        deltas = [c["choices"][0]["delta"]["content"]
+                  async for batch in client.stream(ASK) for c in batch]
         assert deltas == ["a", "b", "c"]
     assert server.connections <= 2
     await client.close()
@@ -126,7 +127,8 @@ async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: 
 
     _, url = await serve(handler)
     client = upstream(url, max_reply=1000)
-    assert [c["choices"][0]["delta"]["content"] async for c in client.stream(ASK)] == ["a"]
+    assert [c["choices"][0]["delta"]["content"]
+            async for batch in client.stream(ASK) for c in batch] == ["a"]
     with pytest.raises(UpstreamError, match="over 1000 bytes"):
         [c async for c in client.stream(ASK)]
     await client.close()

@@ -65,3 +65,30 @@ async def test_a_turn_without_a_stream_is_followed_by_its_result() -> None:
     turn.finish({"id": "y"}, "completed")
     assert follower.ready()
     assert [event async for event in follower] == [("done", {"id": "y"})]
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_stream_chunks_put_together_from_pieces_are_plain_json(include_usage: bool) -> None:
+    """A relayed chunk is built from bytes encoded once per stream; it must be exactly what
+    encoding the whole chunk would give, escapes and non-ASCII included."""
+    import orjson
+
+    from laneway.http.sse import TurnStream
+
+    turn = Turn(REF, 'model "é"', streamed=True)
+    stream = TurnStream(turn, {}, include_usage, 15.0, "continue")
+    base = {"id": turn.completion_id, "object": "chat.completion.chunk",
+            "created": int(turn.created), "model": 'model "é"'}
+
+    def whole(delta: dict[str, object], finish: str | None = None) -> bytes:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish}]}
+        if include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    for text in ("plain", 'quote " and \\ and \n', "naïve ☃"):
+        assert stream._text(text) == whole({"content": text})
+    assert stream._chunk({"role": "assistant", "content": ""}) == whole(
+        {"role": "assistant", "content": ""})
+    assert stream._chunk({}, "stop") == whole({}, "stop")

@@ -80,7 +80,8 @@ class Turn:
     def emit(self, kind: str, value: Any) -> None:
         if self.streamed:
             self._log.append((kind, value))
-            self._wake()
+            if self._waiters:
+                self._wake()
 
     def finish(self, body: dict[str, Any], status: str) -> None:
         self.status = status

@@ -157,22 +157,23 @@ class AgentLoop:
         calls: dict[int, dict[str, Any]] = {}
         finish = "stop"
         usage: dict[str, int] | None = None
-        async for chunk in self.upstream.stream(body):
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            choices = chunk.get("choices")
-            if not choices:
-                continue
-            choice = choices[0]
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                parts.append(text)
-                emit("delta", text)
-            for piece in delta.get("tool_calls") or ():
-                _merge_call(calls, piece)
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
+        async for batch in self.upstream.stream(body):
+            for chunk in batch:
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices")
+                if not choices:
+                    continue
+                choice = choices[0]
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    parts.append(text)
+                    emit("delta", text)
+                for piece in delta.get("tool_calls") or ():
+                    _merge_call(calls, piece)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
         content = "".join(parts) if parts else None
         assistant = _assistant(content, [calls[i] for i in sorted(calls)] or None)
         return assistant, finish, usage or _estimate_usage(prompt_tokens, assistant)

@@ -48,6 +48,7 @@ class TurnStream:
         head = orjson.dumps({**self._base, "choices": [{"index": 0, "delta": None}]})
         self._head = b"data: " + head[: head.rindex(b"null")]
         self._tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._text_tail = b'},"logprobs":null,"finish_reason":null' + self._tail
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
@@ -126,7 +127,7 @@ class TurnStream:
                 out.append(self._chunk({"role": "assistant", "content": ""}))
             if kind == "delta":
                 relayed = True
-                out.append(self._chunk({"content": value}))
+                out.append(self._text(value))
             elif kind == "tool_calls":
                 relayed = True
                 out.append(self._chunk({"tool_calls": _indexed(value)}))
@@ -165,6 +166,10 @@ class TurnStream:
             usage = {**self._base, "choices": [], "usage": body["usage"]}
             out += b"data: " + orjson.dumps(usage) + b"\n\n"
         await _write(send, out + _DONE, more=False)
+
+    def _text(self, text: str) -> bytes:
+        """`_chunk({"content": text})`, the common chunk, put together without a dict."""
+        return self._head + b'{"content":' + orjson.dumps(text) + self._text_tail
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return (self._head + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":'

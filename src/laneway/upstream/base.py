@@ -21,7 +21,9 @@ class Upstream(Protocol):
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion; returns the response body."""
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """One streamed chat completion; yields the parsed chunks until `[DONE]`."""
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """One streamed chat completion; yields the parsed chunks until `[DONE]`, those that
+        arrived together in one list (one step of the consumer per network read, not per
+        chunk)."""
 
     async def close(self) -> None: ...

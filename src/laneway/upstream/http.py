@@ -70,7 +70,7 @@ class HttpUpstream:
             raise UpstreamError("the model's answer has no choices[0].message")
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         data = orjson.dumps(
             {
                 **body,
@@ -95,12 +95,17 @@ class HttpUpstream:
                 if over:  # relay the lines within the limit, then refuse
                     lines = _within(lines, self._max_reply - received)
                 received += len(data) - len(rest)
+                chunks = []
                 for line in lines:
                     if line[:5] == b"data:":  # not blank lines or comments
                         chunk = _event(line)
                         if chunk is _END:
+                            if chunks:
+                                yield chunks
                             return
-                        yield chunk
+                        chunks.append(chunk)
+                if chunks:
+                    yield chunks
                 if over:
                     raise self._too_big()
         except ResponseTimeout:
@@ -135,15 +140,16 @@ _END: Any = object()
 
 
 def _event(line: bytes) -> dict[str, Any]:
-    """The chunk a server-sent `data:` line carries; `_END` for `data: [DONE]`."""
-    payload = line[5:].strip()
-    if payload == _DONE:
-        return _END
+    """The chunk a server-sent `data:` line carries; `_END` for `data: [DONE]` (found when
+    the line is not JSON: once per stream, where a check first would run on every chunk).
+    JSON's whitespace covers the space after `data:` and a CR before the line end."""
     try:
-        chunk = orjson.loads(payload)
+        chunk = orjson.loads(line[5:])
     except orjson.JSONDecodeError:
+        if line[5:].strip() == _DONE:
+            return _END
         raise UpstreamError("the model streamed invalid JSON") from None
-    if not isinstance(chunk, dict):
+    if type(chunk) is not dict:
         raise UpstreamError("the model streamed a non-object chunk")
     if "error" in chunk:
         raise UpstreamError("the model reported an error mid-stream")

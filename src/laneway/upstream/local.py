@@ -85,7 +85,7 @@ class LocalUpstream:
             raise UpstreamError(f"the local model failed: {e}") from None
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         kwargs = self._kwargs(body)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -109,7 +109,7 @@ class LocalUpstream:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, Exception):
                     raise UpstreamError(f"the local model failed: {item}")
-                yield item
+                yield [item]
         finally:
             stop.set()
             await asyncio.shield(future)
