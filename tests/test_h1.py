@@ -134,6 +134,25 @@ async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: 
     await client.close()
 
 
+async def test_chunks_before_a_mid_stream_error_are_relayed(serve) -> None:  # type: ignore[no-untyped-def]
+    """Chunks come in batches, one per read; an error chunk in a batch still lets the ones
+    before it through, then fails."""
+    events = (b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+              + b"\n\ndata: " + orjson.dumps({"error": {"message": "overloaded"}}) + b"\n\n")
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.writelines(chunked(events))
+
+    _, url = await serve(handler)
+    client = upstream(url)
+    seen = []
+    with pytest.raises(UpstreamError, match="error mid-stream"):
+        async for batch in client.stream(ASK):
+            seen += [c["choices"][0]["delta"]["content"] for c in batch]
+    assert seen == ["a"]
+    await client.close()
+
+
 async def test_a_pooled_connection_the_server_closed_is_retried(serve) -> None:  # type: ignore[no-untyped-def]
     async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         w.write(whole(REPLY))

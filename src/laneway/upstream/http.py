@@ -96,14 +96,19 @@ class HttpUpstream:
                     lines = _within(lines, self._max_reply - received)
                 received += len(data) - len(rest)
                 chunks = []
-                for line in lines:
-                    if line[:5] == b"data:":  # not blank lines or comments
-                        chunk = _event(line)
-                        if chunk is _END:
-                            if chunks:
-                                yield chunks
-                            return
-                        chunks.append(chunk)
+                try:
+                    for line in lines:
+                        if line[:5] == b"data:":  # not blank lines or comments
+                            chunk = _event(line)
+                            if chunk is _END:
+                                if chunks:
+                                    yield chunks
+                                return
+                            chunks.append(chunk)
+                except UpstreamError:  # what came before the bad line still goes out
+                    if chunks:
+                        yield chunks
+                    raise
                 if chunks:
                     yield chunks
                 if over:
