@@ -34,10 +34,14 @@ class Reply:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(b"content-type", b"application/json"),
-               (b"content-length", b"%d" % len(self.body))]
-        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+               (b"content-length", b"%d" % len(self.body)), *raw_headers(self.headers)]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them: bytes, Latin-1 as HTTP/1.1 has them."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from laneway.errors import LanewayError
 from laneway.http.errors import error_response
+from laneway.http.replies import raw_headers
 from laneway.turn import Event, Follower, Turn
 
 _DONE = b"data: [DONE]\n\n"
@@ -75,7 +76,7 @@ class TurnStream:
                 gone.cancel()
 
     async def _start(self, send: Send) -> None:
-        headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
+        headers = raw_headers(self.headers)
         headers += [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -158,7 +159,7 @@ class TurnStream:
         out = b"".join(before)
         message = choice["message"]
         if whole and message.get("content"):
-            out += self._chunk({"content": message["content"]})
+            out += self._text(message["content"])
         if whole and message.get("tool_calls"):
             out += self._chunk({"tool_calls": _indexed(message["tool_calls"])})
         out += self._chunk({}, choice["finish_reason"])
