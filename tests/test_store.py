@@ -281,3 +281,40 @@ async def _open_close(url: str) -> None:
     store = SqlStore(url)
     await store.open()
     await store.close()
+
+
+async def test_sqlite_write_transactions_roll_back_and_report_unavailable(tmp_path: Path) -> None:
+    """A failing block rolls back and its error goes on unchanged; SQLite's own failures (a
+    bad statement, the database locked past the timeout) become `Unavailable`."""
+    import sqlite3
+
+    from laneway.errors import Unavailable
+    from laneway.store.sqlite import SqliteDriver
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    driver = SqliteDriver(url)
+    await driver.open()
+    insert = ("INSERT INTO sessions (tenant, agent, key, created_at, updated_at, revision,"
+              " next_seq, turns, fence) VALUES ('t', 'a', 'k', 0, 0, 0, 0, 0, 0)")
+    count = "SELECT count(*) FROM sessions"
+    with pytest.raises(KeyError):
+        async with driver.transaction() as conn:
+            conn.raw.execute(insert)
+            raise KeyError("the block failed")
+    with pytest.raises(Unavailable, match="no such table"):
+        async with driver.transaction() as conn:
+            conn.raw.execute("SELECT * FROM nowhere")
+    other = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    async with driver.connect() as conn:
+        conn.raw.execute("PRAGMA busy_timeout=10")
+        with pytest.raises(Unavailable, match="locked"):
+            async with driver.transaction():
+                pass
+        other.execute("ROLLBACK")
+        other.close()
+        async with driver.transaction():
+            conn.raw.execute(insert)
+        assert conn.raw.execute(count).fetchone()[0] == 1
+        assert not conn.raw.in_transaction
+    await driver.close()
