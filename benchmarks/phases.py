@@ -39,7 +39,7 @@ def handoff(bench: Bench, r: int) -> None:
     end of one call and the start of the next: the lane hand-off as the model sees it. On
     direct, one client calling in a loop shows the same gap with no gateway in it."""
     plan = bench.plan
-    for name in bench.running(("direct", *LANEWAY)):
+    for name in bench.running(("direct", *LANEWAY), r):
         server = bench.servers[name]
         tag = f"{bench.run_id}-h-{name}-r{r}"
         if name == "direct":

@@ -170,6 +170,7 @@ class Bench:
         *,
         root: Path | None = None,
         laneway_src: Path | None = None,
+        base_src: Path | None = None,
         profile_out: Path | None = None,
     ) -> None:
         self.plan = plan
@@ -178,6 +179,7 @@ class Bench:
         self.procs = Procs(self.workdir)
         self.run_id = secrets.token_hex(3)
         self.laneway_src = laneway_src
+        self.base_src = base_src
         self.profile_out = profile_out
         self.servers: dict[str, Server] = {}
         self.skipped: dict[str, str] = {}
@@ -202,7 +204,8 @@ class Bench:
                 raise RuntimeError(f"the upstream did not start:\n{upstream.output()}")
             self.upstream = upstream
             base = f"http://127.0.0.1:{ready[1]}"
-            self.launcher = Launcher(self.procs, self.workdir, base, self.root, self.laneway_src)
+            self.launcher = Launcher(self.procs, self.workdir, base, self.root, self.laneway_src,
+                                     self.base_src)
             self.loadgen = LoadGen(
                 self.procs.spawn("loadgen", [sys.executable, "-m", "benchmarks.loadgen"],
                                  env=env, pipe=True)
@@ -277,6 +280,7 @@ class Bench:
             "platform": platform.platform(),
             "laneway_commit": _commit(self.root),
             "laneway_src": str(self.laneway_src or self.root / "src"),
+            "base_src": str(self.base_src) if self.base_src else None,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
             "duration_s": round(time.time() - self.started, 1),
             "targets": {t: self.skipped.get(t, "ok") for t in self.plan.targets},
@@ -307,8 +311,12 @@ class Bench:
     def job(self, server: Server, *, warm: bool = True, **kwargs: Any) -> Job:
         return Job(url=server.chat_url, warm_url=server.models_url if warm else "", **kwargs)
 
-    def running(self, names: tuple[str, ...] = ALL) -> list[str]:
-        return [t for t in self.plan.targets if t in names and t in self.servers]
+    def running(self, names: tuple[str, ...] = ALL, r: int = 0) -> list[str]:
+        """The running targets among `names`, in plan order rotated by round `r` (no
+        target always goes first or last: the machine's noise drifts within a round)."""
+        found = [t for t in self.plan.targets if t in names and t in self.servers]
+        shift = r % len(found) if found else 0
+        return found[shift:] + found[:shift]
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -336,9 +344,7 @@ class Bench:
                                        key=f"{self.run_id}-warm-{name}"))
 
     def _matrix(self, r: int, cell: Cell) -> None:
-        names = self.running()
-        names = names[r % len(names):] + names[: r % len(names)]
-        for name in names:
+        for name in self.running(r=r):
             server = self.servers[name]
             job = self.job(server, requests=self.plan.requests(cell),
                            concurrency=cell.concurrency, stream=cell.stream,

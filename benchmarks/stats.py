@@ -48,14 +48,37 @@ def _cells(matrix: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
     return out
 
 
-def _pooled_cpu(matrix: dict[str, dict[str, list[dict[str, Any]]]], target: str) -> float:
-    """CPU over every matrix run of a round / turns of that round; median over rounds."""
+def _round_cpu(matrix: dict[str, dict[str, list[dict[str, Any]]]], target: str) -> list[float]:
+    """Per round: CPU over every matrix run of the round / turns of the round."""
     rounds: dict[int, list[float]] = {}
     for by_target in matrix.values():
         for r, run in enumerate(by_target.get(target, [])):
             cpu, ok = rounds.setdefault(r, [0.0, 0.0])
             rounds[r] = [cpu + run["cpu_s"], ok + run["ok"]]
-    return median([cpu * 1000 / ok for cpu, ok in rounds.values() if ok])
+    return [cpu * 1000 / ok for cpu, ok in rounds.values() if ok]
+
+
+def _versus_base(raw: dict[str, Any]) -> dict[str, Any]:
+    """laneway against laneway-base (another build, same rounds): each side's median and the
+    median of the per-round ratios laneway / base."""
+    out: dict[str, Any] = {}
+    sides: dict[str, tuple[list[float], list[float]]] = {}
+    if raw["matrix"]:
+        sides["cpu_ms_per_turn"] = (_round_cpu(raw["matrix"], "laneway-base"),
+                                    _round_cpu(raw["matrix"], "laneway"))
+    if "laneway" in raw["handoff"] and "laneway-base" in raw["handoff"]:
+        base, new = raw["handoff"]["laneway-base"], raw["handoff"]["laneway"]
+        for key in ("gap_p50_ms", "cpu_ms_per_turn"):
+            sides[f"handoff_{key}"] = ([r[key] for r in base], [r[key] for r in new])
+    for key, (base, new) in sides.items():
+        out[key] = {"base": median(base), "laneway": median(new),
+                    "ratio": median([_ratio(n, b) for n, b in zip(new, base)])}
+    return out
+
+
+def _pooled_cpu(matrix: dict[str, dict[str, list[dict[str, Any]]]], target: str) -> float:
+    """CPU over every matrix run of a round / turns of that round; median over rounds."""
+    return median(_round_cpu(matrix, target))
 
 
 def _versus(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
@@ -99,6 +122,8 @@ def summarise(bench: Bench) -> dict[str, Any]:
         result["stored"] = {"sessions": list(bench.plan.stored_sessions),
                             "new": _versus(st["small"]["new"], st["large"]["new"]),
                             "cold": _versus(st["small"]["cold"], st["large"]["cold"])}
+    if "laneway" in summary and "laneway-base" in summary:
+        result["versus_base"] = _versus_base(raw)
     if raw["profile"]:
         result["profile"] = raw["profile"]
     result["errors"] = _errors(result)
@@ -210,6 +235,15 @@ def scale_rows(result: dict[str, Any]) -> Rows:
     return rows
 
 
+def base_rows(result: dict[str, Any]) -> Rows:
+    """laneway against laneway-base, when the run had both (`--base-src`)."""
+    labels = {"cpu_ms_per_turn": "gateway CPU ms / turn, all cells",
+              "handoff_gap_p50_ms": "lane hand-off ms",
+              "handoff_cpu_ms_per_turn": "CPU ms / turn while handing off"}
+    return [(labels[key], {"a": _f(v["base"]), "b": _f(v["laneway"]), "ratio": _f(v["ratio"])})
+            for key, v in result.get("versus_base", {}).items()]
+
+
 def markdown(result: dict[str, Any]) -> str:
     targets, rows = main_rows(result)
     lines = ["| | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
@@ -220,4 +254,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "| laneway embedded | a | b | b / a |", "|---|---|---|---|"]
         lines += [f"| {label.strip()} | {v['a']} | {v['b']} | {v['ratio']} |"
                   for label, v in extra]
+    versus = base_rows(result)
+    if versus:
+        lines += ["", "| laneway vs laneway-base | base | laneway | ratio (paired) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | {v['a']} | {v['b']} | {v['ratio']} |" for label, v in versus]
     return "\n".join(lines) + "\n"

@@ -3,6 +3,9 @@
   direct            the upstream itself (the baseline: what a client without a gateway sees)
   bare              `benchmarks/passthrough.py`, the floor
   laneway           `laneway serve`, embedded: SQLite + in-process lanes
+  laneway-base      the same, run from another source tree (`--base-src`): an earlier build
+                    measured in the same rounds, so a change is judged against its base
+                    under the same machine noise
   laneway-pg-redis  `laneway serve --store postgresql://... --lanes redis://...?prefix=P`,
                     once that backend exists (a run that cannot start it says so and leaves
                     it out); a database of its own, dropped at the end, and a random Redis
@@ -21,8 +24,8 @@ from pathlib import Path
 
 from benchmarks.procs import Proc, Procs, free_port, roots, wait_http
 
-ALL = ("direct", "bare", "laneway", "laneway-pg-redis", "litellm")
-LANEWAY = ("laneway", "laneway-pg-redis")
+ALL = ("direct", "bare", "laneway", "laneway-base", "laneway-pg-redis", "litellm")
+LANEWAY = ("laneway", "laneway-base", "laneway-pg-redis")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 SERVICES = frozenset({"postgres", "redis-server"})
@@ -56,6 +59,7 @@ class Launcher:
     upstream: str
     root: Path  # the directory holding `benchmarks/`
     laneway_src: Path | None = None  # run `laneway serve` from this source tree instead
+    base_src: Path | None = None  # the source tree of the `laneway-base` target
     databases: list[str] = field(default_factory=list)  # Postgres databases to drop at the end
     redis_prefix: str = field(default_factory=lambda: f"laneway-bench-{secrets.token_hex(4)}:")
     redis_used: bool = False
@@ -76,6 +80,9 @@ class Launcher:
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc))
         if name == "laneway":
             return self.laneway(label, self.workdir / label)
+        if name == "laneway-base":
+            assert self.base_src is not None
+            return self.laneway(label, self.workdir / label, src=self.base_src)
         if name == "laneway-pg-redis":
             database = f"laneway_bench_{secrets.token_hex(4)}"
             _postgres(f"CREATE DATABASE {database}")
@@ -95,13 +102,16 @@ class Launcher:
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc), timeout_s=120)
         raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
 
-    def laneway(self, label: str, data_dir: Path, extra: list[str] | None = None) -> Server:
+    def laneway(
+        self, label: str, data_dir: Path, extra: list[str] | None = None, src: Path | None = None
+    ) -> Server:
         port = free_port()
         argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
                 "--data-dir", str(data_dir), "--upstream", self.upstream + "/v1",
                 "--upstream-model", "bench", "--max-queue-depth", "100000",
                 "--log-level", "warning", *(extra or [])]
-        proc = self.procs.spawn(label, argv, env=self._laneway_env())
+        src = src or self.laneway_src
+        proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(src)} if src else {})
         return self._ready(Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz"))
 
     def stop(self, server: Server) -> None:
@@ -112,6 +122,8 @@ class Launcher:
         """Why target `name` cannot run here, or None; cheap checks only (see `start`)."""
         if name == "litellm" and importlib.util.find_spec("litellm") is None:
             return "LiteLLM is not installed (pip install 'litellm[proxy]')"
+        if name == "laneway-base" and self.base_src is None:
+            return "no --base-src given"
         if name == "laneway-pg-redis":
             try:
                 _postgres("SELECT 1")
@@ -135,9 +147,6 @@ class Launcher:
             finally:
                 client.close()
             self.redis_used = False
-
-    def _laneway_env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(self.laneway_src)} if self.laneway_src else {}
 
     def _ready(self, server: Server, timeout_s: float = 60.0) -> Server:
         assert server.proc is not None

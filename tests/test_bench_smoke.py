@@ -107,3 +107,24 @@ def test_instruction_counts_run() -> None:
     counts = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()}
     assert set(counts) == {"bare", "laneway"}, proc.stdout
     assert 0.05 < counts["bare"] < counts["laneway"] < 20, counts
+
+
+def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
+    """`--base-src` adds target laneway-base (here: this same tree) to every round and reports
+    laneway against it, paired per round."""
+    out = tmp_path / "versus.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "laneway", "bench", "--quick", "--rounds", "2", "--scale", "0.25",
+         "--only", "handoff", "--targets", "direct,laneway", "--base-src", str(ROOT / "src"),
+         "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["targets"] == {"direct": "ok", "laneway": "ok", "laneway-base": "ok"}
+    assert result["errors"] == 0
+    versus = result["versus_base"]
+    assert set(versus) == {"handoff_gap_p50_ms", "handoff_cpu_ms_per_turn"}
+    for figures in versus.values():
+        assert all(positive(figures[k]) for k in ("base", "laneway", "ratio")), figures
+    assert "| lane hand-off ms |" in out.with_suffix(".md").read_text()

@@ -46,16 +46,25 @@ def bench(
         Path | None,
         typer.Option(help="Run the laneway targets from this src/ directory (compare versions)."),
     ] = None,
+    base_src: Annotated[
+        Path | None,
+        typer.Option(help="Also run target laneway-base from this src/ directory, in the same "
+                     "rounds: a change measured against its base under the same noise."),
+    ] = None,
     scale: Annotated[float, typer.Option(hidden=True, min=0.01)] = 1.0,
 ) -> None:
     """Benchmark laneway against a direct call and a bare pass-through."""
     console = Console() if sys.stdout.isatty() else Console(width=150)  # logs: no wrapping
     runner, stats = _harness()
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if base_src is not None and "laneway-base" not in names:
+        names.insert(names.index("laneway") + 1 if "laneway" in names else len(names),
+                     "laneway-base")
     try:
         plan = runner.plan(
             "full" if full else "quick",
             rounds=rounds,
-            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+            targets=tuple(names),
             only=tuple(p.strip() for p in only.split(",") if p.strip()),
             profile=profile,
             scale=scale,
@@ -69,7 +78,8 @@ def bench(
     previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
-        with runner.Bench(plan, laneway_src=laneway_src, profile_out=profile_out) as b:
+        with runner.Bench(plan, laneway_src=laneway_src, base_src=base_src,
+                          profile_out=profile_out) as b:
             steps = b.steps()
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())
@@ -134,6 +144,14 @@ def _show(console: Console, result: dict[str, Any], stats: Any) -> None:
         for label, v in extra:
             scale.add_row(label, v["a"], v["b"], v["ratio"])
         console.print(scale)
+    versus = stats.base_rows(result)
+    if versus:
+        base = Table(title=f"laneway vs laneway-base ({meta['base_src']}), paired per round")
+        for name in ("", "base", "laneway", "ratio"):
+            base.add_column(name, justify="left" if not name else "right")
+        for label, v in versus:
+            base.add_row(label, v["a"], v["b"], v["ratio"])
+        console.print(base)
     prof = result.get("profile", {})
     if prof.get("top_self"):
         top = Table(title=f"py-spy, laneway under load: top self time ({prof['samples']} samples)")
