@@ -48,7 +48,7 @@ class LocalTicket:
             raise RuntimeError("ticket was released")
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.shield(self._future)
+                await self._future
         except TimeoutError:
             if self._lane.holder is self:  # granted in the same tick the timer fired
                 return
