@@ -4,7 +4,8 @@ line of results on stdout.
 
 Every job opens a fresh connection pool and warms it with `concurrency` untimed requests:
 servers close idle keep-alive connections, and a connection set up inside the timed part
-would land in p99.
+would land in p99. A line holding a list of jobs runs them in lockstep (see `run_paired`)
+and is answered with a list of results.
 
     python -m benchmarks.loadgen
 """
@@ -83,19 +84,51 @@ async def run(job: Job) -> dict[str, Any]:
         if job.warm_url:
             await asyncio.gather(*(_warm(http, job.warm_url) for _ in range(job.concurrency)))
         tally = Tally()
-        body = orjson.dumps(
-            {
-                "model": "default",
-                "messages": [{"role": "user", "content": job.content()}],
-                "stream": job.stream,
-            }
-        )
+        body = _body(job)
         counter = iter(range(job.requests))
         started = time.perf_counter()
         await asyncio.gather(
             *(_worker(http, job, w, body, counter, tally) for w in range(job.concurrency))
         )
         elapsed = time.perf_counter() - started
+    return _results(job, tally, elapsed)
+
+
+async def run_paired(jobs: list[Job]) -> list[dict[str, Any]]:
+    """Jobs of one request at a time, in lockstep: request i of every job, the jobs' order
+    rotating with i. The machine's speed drifts within a second on a shared VM; this way
+    every job sees the same drift, so figures of two servers (or two sessions) compare
+    request for request. `elapsed_s` of each is the time its own requests took."""
+    if any(job.concurrency != 1 or job.requests != jobs[0].requests for job in jobs):
+        raise ValueError("paired jobs run one request at a time, as many each")
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=max(job.timeout_s for job in jobs))
+    tallies = [Tally() for _ in jobs]
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        for job in jobs:
+            if job.warm_url:
+                await _warm(http, job.warm_url)
+        bodies = [_body(job) for job in jobs]
+        for i in range(jobs[0].requests):
+            for k in range(len(jobs)):
+                n = (i + k) % len(jobs)
+                job = jobs[n]
+                await _request(http, job, _headers(job, 0, i, i), bodies[n], tallies[n], i == 0)
+    return [_results(job, tally, sum(tally.latencies) / 1000)
+            for job, tally in zip(jobs, tallies)]
+
+
+def _body(job: Job) -> bytes:
+    return orjson.dumps(
+        {
+            "model": "default",
+            "messages": [{"role": "user", "content": job.content()}],
+            "stream": job.stream,
+        }
+    )
+
+
+def _results(job: Job, tally: Tally, elapsed: float) -> dict[str, Any]:
     lat, ttft = sorted(tally.latencies), sorted(tally.ttfts)
     return {
         "requests": job.requests,
@@ -129,14 +162,19 @@ async def _worker(
     tally: Tally,
 ) -> None:
     for mine, i in enumerate(counter):  # shared: each worker takes the next index when free
-        headers = {"Content-Type": "application/json"}
-        if job.keys == "rotate":
-            headers["x-laneway-session-key"] = f"{job.key}-w{worker}-{mine // job.rotate_every}"
-        elif job.keys == "one":
-            headers["x-laneway-session-key"] = job.key
-        elif job.keys == "seq":
-            headers["x-laneway-session-key"] = f"{job.key}{(job.seq_start + i) * job.seq_stride}"
-        await _request(http, job, headers, body, tally, first=i == 0)
+        await _request(http, job, _headers(job, worker, mine, i), body, tally, first=i == 0)
+
+
+def _headers(job: Job, worker: int, mine: int, i: int) -> dict[str, str]:
+    """Request `i` of the job, the worker's `mine`-th."""
+    headers = {"Content-Type": "application/json"}
+    if job.keys == "rotate":
+        headers["x-laneway-session-key"] = f"{job.key}-w{worker}-{mine // job.rotate_every}"
+    elif job.keys == "one":
+        headers["x-laneway-session-key"] = job.key
+    elif job.keys == "seq":
+        headers["x-laneway-session-key"] = f"{job.key}{(job.seq_start + i) * job.seq_stride}"
+    return headers
 
 
 async def _request(
@@ -184,8 +222,12 @@ def main() -> None:
         for line in sys.stdin:
             if not line.strip():
                 continue
+            spec = orjson.loads(line)
             try:
-                result = runner.run(run(Job(**orjson.loads(line))))
+                if isinstance(spec, list):
+                    result: Any = runner.run(run_paired([Job(**job) for job in spec]))
+                else:
+                    result = runner.run(run(Job(**spec)))
             except Exception as e:  # noqa: BLE001 - reported to the runner, which raises it
                 result = {"fatal": f"{type(e).__name__}: {e}"}
             sys.stdout.buffer.write(orjson.dumps(result) + b"\n")

@@ -62,25 +62,23 @@ def handoff(bench: Bench, r: int) -> None:
 
 
 def seed(bench: Bench) -> None:
-    """Three embedded gateways: one for history length, two for stored-session count. Each is
+    """Four embedded gateways, one for each side of a comparison (so that each side's CPU is
+    its own server's): short and long histories, few and many stored sessions. Each is
     started once to migrate, stopped, seeded in its SQLite file, and restarted."""
     assert bench.launcher is not None
     plan = bench.plan
-    stores: dict[str, list[tuple[list[str], int, int]]] = {}
+    stores: dict[str, tuple[list[str], int, int]] = {}
     if "history" in plan.phases:
-        short, long = plan.history_turns
-        stores["history"] = [
-            ([f"hs-r{r}" for r in range(plan.rounds)], short, HISTORY_CHARS),
-            ([f"hl-r{r}" for r in range(plan.rounds)], long, HISTORY_CHARS),
-        ]
+        for which, turns in zip(("short", "long"), plan.history_turns):
+            stores[f"history-{which}"] = ([f"h-r{r}" for r in range(plan.rounds)], turns,
+                                          HISTORY_CHARS)
     if "stored" in plan.phases:
         for which, count in zip(("small", "large"), plan.stored_sessions):
-            stores[f"stored-{which}"] = [([f"seed{i}" for i in range(count)], 1, 60)]
-    for name, batches in stores.items():
+            stores[f"stored-{which}"] = ([f"seed{i}" for i in range(count)], 1, 60)
+    for name, (keys, turns, chars) in stores.items():
         data_dir = bench.workdir / f"laneway-{name}"
         bench.launcher.stop(bench.launcher.laneway(f"laneway-{name}-migrate", data_dir))
-        for keys, turns, chars in batches:
-            seed_store(data_dir / "laneway.db", keys, turns, chars)
+        seed_store(data_dir / "laneway.db", keys, turns, chars)
         server = bench.launcher.laneway(f"laneway-{name}", data_dir)
         bench.load(server, bench.job(server, requests=plan.warm_requests // 4, concurrency=4,
                                      key=f"{bench.run_id}-warm-{name}"))
@@ -89,29 +87,36 @@ def seed(bench: Bench) -> None:
 
 def history(bench: Bench, r: int) -> None:
     """Turns on a 10-turn and on a 10,000-turn session, both filling the context window, so
-    the model gets as much from either: what differs is the length of the stored history."""
-    server = bench.servers["history"]
-    order = [("short", f"hs-r{r}"), ("long", f"hl-r{r}")]
-    for which, key in order if r % 2 == 0 else order[::-1]:
-        job = bench.job(server, requests=bench.plan.history_requests, concurrency=1,
-                        keys="one", key=key)
-        bench.raw["history"].setdefault(which, []).append(bench.load(server, job))
+    the model gets as much from either: what differs is the length of the stored history.
+    The two run in lockstep, one request each in turn."""
+    sides = ("short", "long")
+    runs = bench.load_paired([
+        (server, bench.job(server, requests=bench.plan.history_requests, concurrency=1,
+                           keys="one", key=f"h-r{r}"))
+        for server in (bench.servers[f"history-{which}"] for which in sides)
+    ])
+    for which, result in zip(sides, runs):
+        bench.raw["history"].setdefault(which, []).append(result)
 
 
 def stored(bench: Bench, r: int) -> None:
-    """Turns on a store holding 1,000 sessions and on one holding 1,000,000: on new keys, and
-    on existing sessions touched for the first time (loaded from the store, not the cache)."""
+    """Turns on a store holding 1,000 sessions and on one holding 1,000,000, in lockstep: on
+    new keys, and on existing sessions touched for the first time (loaded from the store,
+    not the cache)."""
     plan = bench.plan
     n = plan.stored_requests
-    order = list(zip(("small", "large"), plan.stored_sessions))
-    for which, count in order if r % 2 == 0 else order[::-1]:
+    sides = list(zip(("small", "large"), plan.stored_sessions))
+    new, cold = [], []
+    for which, count in sides:
         server = bench.servers[f"stored-{which}"]
-        new = bench.job(server, requests=n, concurrency=1, key=f"{bench.run_id}-new-{which}-r{r}")
-        cold = bench.job(server, requests=n, concurrency=1, keys="seq", key="seed",
-                         seq_start=r * n, seq_stride=max(1, count // (plan.rounds * n)))
-        runs = bench.raw["stored"].setdefault(which, {"new": [], "cold": []})
-        runs["new"].append(bench.load(server, new))
-        runs["cold"].append(bench.load(server, cold))
+        new.append((server, bench.job(server, requests=n, concurrency=1,
+                                      key=f"{bench.run_id}-new-{which}-r{r}")))
+        cold.append((server, bench.job(server, requests=n, concurrency=1, keys="seq",
+                                       key="seed", seq_start=r * n,
+                                       seq_stride=max(1, count // (plan.rounds * n)))))
+    for kind, runs in (("new", new), ("cold", cold)):
+        for (which, _), result in zip(sides, bench.load_paired(runs)):
+            bench.raw["stored"].setdefault(which, {"new": [], "cold": []})[kind].append(result)
 
 
 def rss(bench: Bench, target: str) -> None:

@@ -133,10 +133,13 @@ class LoadGen:
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | list[Job]) -> None:
+        """One job, or a list of jobs to run in lockstep (`loadgen.run_paired`)."""
         stdin = self.proc.popen.stdin
         assert stdin is not None
-        stdin.write(orjson.dumps(dataclasses.asdict(job)) + b"\n")
+        spec = [dataclasses.asdict(j) for j in job] if isinstance(job, list) else \
+            dataclasses.asdict(job)
+        stdin.write(orjson.dumps(spec) + b"\n")
         stdin.flush()
 
     def ready(self, timeout_s: float = 0.0) -> bool:
@@ -144,20 +147,26 @@ class LoadGen:
         assert stdout is not None
         return bool(select.select([stdout], [], [], timeout_s)[0])
 
-    def collect(self) -> dict[str, Any]:
+    def collect(self) -> Any:
         stdout = self.proc.popen.stdout
         assert stdout is not None
         line = stdout.readline()
         if not line:
             raise RuntimeError(f"the load generator died:\n{self.proc.output()}")
-        result: dict[str, Any] = orjson.loads(line)
-        if "fatal" in result:
+        result = orjson.loads(line)
+        if isinstance(result, dict) and "fatal" in result:
             raise RuntimeError(f"the load generator failed: {result['fatal']}")
         return result
 
     def run(self, job: Job) -> dict[str, Any]:
         self.submit(job)
-        return self.collect()
+        result: dict[str, Any] = self.collect()
+        return result
+
+    def run_paired(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        self.submit(jobs)
+        results: list[dict[str, Any]] = self.collect()
+        return results
 
 
 class Bench:
@@ -291,22 +300,47 @@ class Bench:
 
     def load(self, server: Server, job: Job) -> dict[str, Any]:
         """Run `job` against `server`; adds the CPU the server and the upstream spent."""
-        assert self.loadgen is not None and self.upstream is not None
-        pid = server.proc.pid if server.proc else None
-        before = (cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+        assert self.loadgen is not None
+        loadgen = self.loadgen
+        return self._charged([server], lambda: [loadgen.run(job)])[0]
+
+    def load_paired(self, runs: list[tuple[Server, Job]]) -> list[dict[str, Any]]:
+        """Jobs in lockstep (`loadgen.run_paired`), each against a server of its own, so
+        that each server's CPU is its job's."""
+        assert self.loadgen is not None
+        servers = [server for server, _ in runs]
+        if len({id(server) for server in servers}) != len(servers):
+            raise ValueError("paired jobs need a server each")
+        loadgen = self.loadgen
+        return self._charged(servers, lambda: loadgen.run_paired([job for _, job in runs]))
+
+    def _charged(
+        self, servers: list[Server], run: Callable[[], list[dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """`run()`'s results, each with the CPU its server spent (once the work the run left
+        behind is done: `Server.settle_s`) and its share of the upstream's."""
+        assert self.upstream is not None
+        pids = [server.proc.pid if server.proc else None for server in servers]
+        before = [(cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+                  for pid in pids]
         upstream_before = cpu_seconds(self.upstream.pid)
-        services_before = sum(cpu_seconds(p) for p in server.services)
-        result = self.loadgen.run(job)
-        services = sum(cpu_seconds(p) for p in server.services) - services_before
-        after = (cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+        services_before = [sum(cpu_seconds(p) for p in s.services) for s in servers]
+        results = run()
+        time.sleep(max(server.settle_s for server in servers))
+        services = [sum(cpu_seconds(p) for p in s.services) - b
+                    for s, b in zip(servers, services_before)]
+        after = [(cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
+                 for pid in pids]
         upstream_cpu = cpu_seconds(self.upstream.pid) - upstream_before
-        ok = max(1, result["ok"])
-        result["cpu_s"] = after[0] - before[0]
-        result["cpu_ms_per_turn"] = result["cpu_s"] * 1000 / ok
-        result["cpu_ms_per_turn_ticks"] = (after[1] - before[1]) * 1000 / ok
-        result["upstream_cpu_ms_per_call"] = upstream_cpu * 1000 / ok
-        result["services_cpu_ms_per_turn"] = services * 1000 / ok
-        return result
+        calls = max(1, sum(result["ok"] for result in results))
+        for result, b, a, service in zip(results, before, after, services):
+            ok = max(1, result["ok"])
+            result["cpu_s"] = a[0] - b[0]
+            result["cpu_ms_per_turn"] = result["cpu_s"] * 1000 / ok
+            result["cpu_ms_per_turn_ticks"] = (a[1] - b[1]) * 1000 / ok
+            result["upstream_cpu_ms_per_call"] = upstream_cpu * 1000 / calls
+            result["services_cpu_ms_per_turn"] = service * 1000 / ok
+        return results
 
     def job(self, server: Server, *, warm: bool = True, **kwargs: Any) -> Job:
         return Job(url=server.chat_url, warm_url=server.models_url if warm else "", **kwargs)

@@ -29,6 +29,7 @@ LANEWAY = ("laneway", "laneway-base", "laneway-pg-redis")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 SERVICES = frozenset({"postgres", "redis-server"})
+CHECKPOINT_S = 1.1  # laneway's SQLite checkpointer: 0.5 s after a commit, polled each 0.5 s
 
 
 @dataclass
@@ -40,6 +41,10 @@ class Server:
     #: Shared services the target works through (PostgreSQL, Redis): their CPU is reported
     #: apart, as it also counts whatever else uses them meanwhile.
     services: list[int] = field(default_factory=list)
+    #: Seconds to wait after a run before reading the CPU, for the work the run leaves
+    #: behind to be done and counted with it: embedded laneway checkpoints its SQLite WAL on
+    #: a thread, at most a second after the last commit.
+    settle_s: float = 0.0
 
     @property
     def chat_url(self) -> str:
@@ -78,11 +83,9 @@ class Launcher:
                     "--port", str(port)]
             proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(self.root)})
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc))
-        if name == "laneway":
-            return self.laneway(label, self.workdir / label)
-        if name == "laneway-base":
-            assert self.base_src is not None
-            return self.laneway(label, self.workdir / label, src=self.base_src)
+        if name in ("laneway", "laneway-base"):
+            src = self.base_src if name == "laneway-base" else None
+            return self.laneway(label, self.workdir / label, src=src)
         if name == "laneway-pg-redis":
             database = f"laneway_bench_{secrets.token_hex(4)}"
             _postgres(f"CREATE DATABASE {database}")
@@ -92,6 +95,7 @@ class Launcher:
             self.redis_used = True
             server = self.laneway(label, self.workdir / label, extra)
             server.services = roots(SERVICES)
+            server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
             return server
         if name == "litellm":
             port = free_port()
@@ -112,7 +116,9 @@ class Launcher:
                 "--log-level", "warning", *(extra or [])]
         src = src or self.laneway_src
         proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(src)} if src else {})
-        return self._ready(Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz"))
+        server = Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz",
+                        settle_s=CHECKPOINT_S)
+        return self._ready(server)
 
     def stop(self, server: Server) -> None:
         if server.proc is not None:
