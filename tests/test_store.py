@@ -107,6 +107,39 @@ async def test_stale_fence_writes_nothing(db_url: str) -> None:
     await b.close()
 
 
+async def test_sole_writer_reads_a_stored_session_without_claiming_it(db_url: str) -> None:
+    """Embedded mode (exclusive): the first turn on a stored session that is not cached reads
+    it and writes nothing before its commit, which still carries (and stores) its fence."""
+    from sqlalchemy import select
+
+    from laneway.store.schema import sessions
+    from laneway.store.statements import compile_sql
+
+    ref = SessionRef("t", "default", "k")
+    first = SqlStore(db_url)
+    await first.open()
+    state = await first.load(ref, fence=1, window_tokens=1000)
+    await first.commit(state, _turn(1, "one"), fence=1)
+    await first.close()
+    store = SqlStore(db_url)  # a restart: nothing cached
+    await store.open()
+    row = compile_sql(select(sessions.c.fence, sessions.c.updated_at), store.driver.dialect)
+
+    async def stored() -> tuple[int, float]:
+        async with store.driver.connect() as conn:
+            fence, updated_at = (await conn.fetch(row, {}))[0]
+        return fence, updated_at
+
+    before = await stored()
+    state = await store.load(ref, fence=2, window_tokens=1000)
+    assert [m["content"] for m in state.tail.messages] == ["one", "re one"]
+    assert await stored() == before
+    await store.commit(state, _turn(2, "two"), fence=2)
+    assert (await stored())[0] == 2
+    assert [m["content"] for m in await store.transcript(ref, 10)] == ["one", "re one", "two", "re two"]
+    await store.close()
+
+
 async def test_concurrent_commits_each_stand_alone(db_url: str) -> None:
     """Turns committing at the same instant (SQLite group-commits them): each is written
     or refused on its own. One is stale, one repeats a turn id (fails on its own), the
@@ -269,7 +302,7 @@ def test_lookups_read_indexes_not_tables(tmp_path: Path) -> None:
         name: " | ".join(row[3] for row in conn.execute(
             "EXPLAIN QUERY PLAN " + getattr(sql, name).text,
             [None] * len(getattr(sql, name).names)))
-        for name in ("session_id", "claim_session", "advance_session", "tail_first",
+        for name in ("session_id", "find_session", "claim_session", "advance_session", "tail_first",
                      "tail_before", "turn", "turns", "idempotent_turn", "transcript", "summary")
     }
     assert all("SCAN" not in plan for plan in plans.values()), plans

@@ -85,10 +85,14 @@ class SqlStore:
         if cached is not None and self.exclusive:
             self._cache.move_to_end(ref)
             return cached
-        async with self.driver.connect() as conn:  # one statement: atomic on its own
-            rows = await conn.fetch(
-                self.sql.claim_session, {**_identity(ref), "fence": fence, "now": time.time()}
-            )
+        async with self.driver.connect() as conn:
+            rows = []
+            if self.exclusive:  # no other writer to fence out: a read, not a write
+                rows = await conn.fetch(self.sql.find_session, _identity(ref))
+            if not rows:  # one statement: atomic on its own
+                rows = await conn.fetch(
+                    self.sql.claim_session, {**_identity(ref), "fence": fence, "now": time.time()}
+                )
             if not rows:
                 raise StaleFence(f"session {ref.key} is held by a newer lane grant")
             sid, revision, next_seq, turns, created_at, has_memories = rows[0]

@@ -93,6 +93,12 @@ class Statements:
             ).returning(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at,
                         _s.c.has_memories)
         )
+        # A sole writer (embedded mode) reads a known session without claiming it, as it
+        # does for a cached one: its commits still carry the fence.
+        self.find_session = c(
+            select(_s.c.id, _s.c.revision, _s.c.next_seq, _s.c.turns, _s.c.created_at,
+                   _s.c.has_memories).where(*_IDENTITY)
+        )
         self.advance_session = c(
             update(_s)
             .where(_s.c.id == _p("sid"), _s.c.fence <= _p("fence"))
