@@ -5,9 +5,11 @@ from minute to minute. It leaves out the kernel's side of system calls, so it co
 
 The server runs under `valgrind --tool=callgrind`, gets a warm-up, then its counters are
 dumped before and after `--requests` requests at concurrency 1, one session key per 20
-requests, against the scripted upstream with no delay.
+requests, against the scripted upstream with no delay. With `--queued N`, N requests are in
+flight at once, all on one key: every turn waits in the lane and is handed it.
 
-    python -m benchmarks.instructions [--requests 300] [--stream] [--laneway-src DIR]
+    python -m benchmarks.instructions [--requests 300] [--stream] [--queued N]
+                                      [--laneway-src DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--queued", type=int, default=0, metavar="N",
+                        help="N requests in flight on one session key")
     parser.add_argument("--targets", default="bare,laneway")
     parser.add_argument("--laneway-src", type=Path, help="a src/ directory to run laneway from")
     args = parser.parse_args()
@@ -51,8 +55,9 @@ def main() -> None:
                                   env={"PYTHONPATH": str(ROOT)}, pipe=True)
             for target in args.targets.split(","):
                 count = measure(procs, loadgen, target, base, Path(tmp), args)
+                how = f"{args.queued} queued on one key" if args.queued else "c1"
                 print(f"{target:10s} {count / 1e6:.3f} M instructions / request"
-                      f" ({'stream' if args.stream else 'plain'}, c1)", flush=True)
+                      f" ({'stream' if args.stream else 'plain'}, {how})", flush=True)
         finally:
             procs.stop_all()
 
@@ -78,9 +83,11 @@ def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
     try:
         wait_http(server, f"http://127.0.0.1:{port}/v1/models", timeout_s=300)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        _load(loadgen, Job(url=url, requests=100, concurrency=1, stream=args.stream))
+        shape = {"concurrency": args.queued, "keys": "one"} if args.queued else \
+            {"concurrency": 1}
+        _load(loadgen, Job(url=url, requests=100, stream=args.stream, **shape))
         _dump(server)
-        _load(loadgen, Job(url=url, requests=args.requests, concurrency=1, stream=args.stream))
+        _load(loadgen, Job(url=url, requests=args.requests, stream=args.stream, **shape))
         _dump(server)
         return _total(Path(f"{out}.2")) / args.requests
     finally:
