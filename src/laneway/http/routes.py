@@ -28,7 +28,7 @@ from laneway.http.errors import error_response
 from laneway.http.replies import JSON, Reply, read_body
 from laneway.http.auth import Auth, Caller, RateLimiter
 from laneway.http.chat import check_session_key, parse_chat
-from laneway.http.sse import TurnStream, disconnected
+from laneway.http.sse import TurnStream, disconnected, either
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
 from laneway.service import TurnService, lane_key
@@ -345,7 +345,7 @@ async def _follow(turn: Turn, receive: Receive) -> bool:
     left first (a queued turn then leaves its lane, a running one may be stopped)."""
     gone = asyncio.ensure_future(disconnected(receive))
     try:
-        await asyncio.wait({turn.result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await either(turn.result, gone)
     finally:
         gone.cancel()
     return turn.result.done()
