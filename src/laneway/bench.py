@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
 def bench(
     full: Annotated[
-        bool, typer.Option("--full/--quick", help="Full run (~10 min) or quick (<1 min).")
+        bool, typer.Option("--full/--quick", help="Full run (~10 min) or quick (~1 min).")
     ] = False,
     rounds: Annotated[
         int | None, typer.Option(min=1, help="Rounds (default: 5 full, 2 quick).")
