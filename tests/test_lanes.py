@@ -205,6 +205,16 @@ async def test_positions_and_limits(lanes: LaneBackend) -> None:
     assert await lanes.info("k") is None and await _idle(lanes)
 
 
+async def test_release_drops_the_holders_callbacks(lanes: LaneBackend) -> None:
+    """The callbacks close over the turn, which holds the ticket: kept after the release,
+    each turn would be a cycle that waits for a full collection to be freed."""
+    holder = await lanes.enter("k", max_waiting=5)
+    holder.on_interrupt = holder.on_lost = lambda: None
+    await holder.release()
+    assert holder.on_interrupt is None and holder.on_lost is None
+    assert await _idle(lanes)
+
+
 async def test_timeout_leaves_the_queue(lanes: LaneBackend) -> None:
     holder = await lanes.enter("k", max_waiting=5)
     waiter = await lanes.enter("k", max_waiting=5)

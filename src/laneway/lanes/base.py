@@ -59,7 +59,9 @@ class Ticket(Protocol):
         """Tickets ahead now (0 when this ticket holds the lane)."""
 
     async def release(self) -> None:
-        """Leave the queue or free the lane for the next ticket. Idempotent."""
+        """Leave the queue or free the lane for the next ticket, and drop `on_interrupt` and
+        `on_lost` (they close over the turn, which holds the ticket: a cycle that only the
+        collector could free otherwise). Idempotent."""
 
     def secure(self) -> bool:
         """Whether the holder can be sure it still holds the lane (checked before a

@@ -82,6 +82,7 @@ class LocalTicket:
         if self._done:
             return
         self._done = True
+        self.on_interrupt = self.on_lost = None
         self._lanes._leave(self)
 
 

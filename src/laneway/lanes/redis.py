@@ -245,6 +245,7 @@ class RedisTicket:
         if self._done:
             return
         self._done = True
+        self.on_interrupt = self.on_lost = None
         lanes = self._lanes
         lanes._tickets.pop(self.id, None)
         try:
