@@ -222,8 +222,8 @@ def main() -> None:
         for line in sys.stdin:
             if not line.strip():
                 continue
-            spec = orjson.loads(line)
             try:
+                spec = orjson.loads(line)
                 if isinstance(spec, list):
                     result: Any = runner.run(run_paired([Job(**job) for job in spec]))
                 else:
