@@ -91,6 +91,26 @@ async def test_keep_alive_reuses_one_connection(serve) -> None:  # type: ignore[
     await client.close()
 
 
+async def test_a_burst_leaves_at_most_max_idle_connections(serve) -> None:  # type: ignore[no-untyped-def]
+    """Five calls at once open five connections; two stay pooled, the older three close."""
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        await asyncio.sleep(0.05)  # all five are in flight together
+        w.write(whole(REPLY))
+
+    server, url = await serve(handler)
+    client = upstream(url)
+    client._origin._max_idle = 2
+
+    async def burst() -> None:
+        await asyncio.gather(*(client.complete(ASK) for _ in range(5)))
+
+    await burst()
+    assert server.connections == 5
+    await burst()
+    assert server.connections == 8, "two pooled connections reused, three new ones opened"
+    await client.close()
+
+
 async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-untyped-def]
     events = b"".join(
         b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": c}}]}) + b"\n\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from urllib.parse import urlsplit
 
 import httptools
@@ -36,7 +37,7 @@ class ResponseTimeout(ResponseError):
 class Origin:
     """Where requests go: scheme, host and port, with a pool of idle connections."""
 
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
+    def __init__(self, url: str, connect_timeout_s: float, max_idle: int = 128) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -47,7 +48,10 @@ class Origin:
         default = self.port == (443 if self.ssl else 80)
         self.authority = host if default else f"{host}:{self.port}"
         self.connect_timeout_s = connect_timeout_s
-        self._idle: list[Connection] = []
+        #: Idle connections, the most recently used last. A burst leaves as many as it had
+        #: calls in flight; past `max_idle` the oldest are closed, not kept for good.
+        self._idle: deque[Connection] = deque()
+        self._max_idle = max_idle
 
     async def post(self, path: str, headers: bytes, body: bytes, deadline: float) -> Connection:
         """Send a request; returns its connection once the response's head is read, by
@@ -86,6 +90,8 @@ class Origin:
         if conn.reusable():
             conn.reset()
             self._idle.append(conn)
+            if len(self._idle) > self._max_idle:
+                self._idle.popleft().close()
         else:
             conn.close()
 
