@@ -40,6 +40,19 @@ async def test_followers_get_every_event_in_order_and_know_what_is_ready() -> No
         ("start", None), ("delta", "a"), ("delta", "b"), ("done", {"id": "x"})]
 
 
+async def test_start_wakes_followers_only_of_a_queued_turn() -> None:
+    for queued in (0, 1):
+        turn = Turn(REF, "m", streamed=True)
+        turn.arrival_position = queued
+        waiting = asyncio.ensure_future(anext(turn.events()))
+        await asyncio.sleep(0)
+        turn.emit("start", None)
+        await asyncio.sleep(0)
+        assert waiting.done() == bool(queued), queued
+        turn.emit("delta", "a")
+        assert await waiting == ("start", None)
+
+
 async def test_a_cancelled_follower_leaves_the_others_alone() -> None:
     turn = Turn(REF, "m", streamed=True)
     gone, staying = turn.events(), turn.events()

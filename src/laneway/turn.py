@@ -78,9 +78,12 @@ class Turn:
     # -- producing ----------------------------------------------------------------------
 
     def emit(self, kind: str, value: Any) -> None:
+        """Log an event and wake the followers waiting for one. "start" wakes them only for
+        a turn that was queued (its stream stops its queue comments then); the others skip
+        it, so it waits in the log for the first output (a wake-up less per streamed turn)."""
         if self.streamed:
             self._log.append((kind, value))
-            if self._waiters:
+            if self._waiters and (kind != "start" or self.arrival_position):
                 self._wake()
 
     def finish(self, body: dict[str, Any], status: str) -> None:
