@@ -88,13 +88,13 @@ class HttpUpstream:
             received = 0  # bytes of whole lines
             rest = b""
             while (piece := await conn.read(None, idle_s=self._timeout_s)) is not None:
-                data = rest + piece if rest else piece
-                lines = data.split(b"\n")
+                buffered = rest + piece if rest else piece
+                lines = buffered.split(b"\n")
                 rest = lines.pop()
-                over = received + len(data) > self._max_reply
+                over = received + len(buffered) > self._max_reply
                 if over:  # relay the lines within the limit, then refuse
                     lines = _within(lines, self._max_reply - received)
-                received += len(data) - len(rest)
+                received += len(buffered) - len(rest)
                 chunks = []
                 try:
                     for line in lines:
