@@ -9,7 +9,10 @@ requests, against the scripted upstream with no delay. With `--queued N`, N requ
 flight at once, all on one key: every turn waits in the lane and is handed it.
 
     python -m benchmarks.instructions [--requests 300] [--stream] [--queued N]
-                                      [--laneway-src DIR]
+                                      [--laneway-src DIR] [--keep DIR]
+
+`--keep DIR` copies each target's callgrind file of the measured requests there, for
+`callgrind_annotate` (which C functions and libraries the instructions go to).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main() -> None:
                         help="N requests in flight on one session key")
     parser.add_argument("--targets", default="bare,laneway")
     parser.add_argument("--laneway-src", type=Path, help="a src/ directory to run laneway from")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy callgrind's file of the measured requests into DIR")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -89,7 +94,11 @@ def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
         _dump(server)
         _load(loadgen, Job(url=url, requests=args.requests, stream=args.stream, **shape))
         _dump(server)
-        return _total(Path(f"{out}.2")) / args.requests
+        total = _total(Path(f"{out}.2"))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f"{out}.2", args.keep / f"callgrind.{target}")
+        return total / args.requests
     finally:
         procs.stop(server, grace_s=60)
 
