@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import StartGateway, free_port
+from conftest import Gateway, StartGateway, free_port
 from scripted_upstream import ScriptedUpstream
 
 from laneway import config
@@ -109,3 +109,40 @@ def test_no_model_anywhere_says_what_to_do(tmp_path: Path) -> None:
     result = _serve("--data-dir", str(tmp_path), env={"PYTHONPATH": str(shadow.parent), "LANEWAY_UPSTREAM": ""})
     assert result.returncode == 2
     assert "--upstream" in result.stderr and "laneway[local]" in result.stderr
+
+
+def test_sigterm_lets_the_running_turn_finish_then_exits(
+    gateways: StartGateway, upstream: ScriptedUpstream
+) -> None:
+    """The server's own idle loop (`http/server.py`) still stops on SIGTERM the way
+    uvicorn's does: no new turns, the running one answered and saved, then the process ends by the signal, as uvicorn ends it."""
+    import asyncio
+    import signal
+
+    gateway = gateways("--upstream", upstream.url)
+
+    async def turn_across_the_signal() -> str | None:
+        async with gateway.client() as client:
+            running = asyncio.create_task(client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "[conv=sigterm] [delay=1.5] [reply=kept]"}],
+                extra_headers={"x-laneway-session-key": "sigterm"},
+            ))
+            while not any(c.ended is None for c in upstream.calls("sigterm")):
+                await asyncio.sleep(0.02)
+            gateway.proc.send_signal(signal.SIGTERM)
+            return (await running).choices[0].message.content
+
+    assert asyncio.run(turn_across_the_signal()) == "kept"
+    assert gateway.proc.wait(20) == -signal.SIGTERM  # re-raised once stopped (uvicorn)
+    assert "Traceback" not in gateway.output()
+
+
+def test_replies_carry_a_current_date_header(gateway: Gateway) -> None:
+    """The idle loop that refreshes uvicorn's `Date` header once a second is ours."""
+    import email.utils
+    import time
+    import urllib.request
+
+    with urllib.request.urlopen(gateway.url + "/healthz", timeout=10) as resp:
+        date = email.utils.parsedate_to_datetime(resp.headers["date"]).timestamp()
+    assert abs(date - time.time()) < 5

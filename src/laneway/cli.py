@@ -151,9 +151,8 @@ def _check_local_model(settings: config.Settings) -> None:
 
 
 def _run(settings: config.Settings) -> None:
-    import uvicorn
-
     from laneway.app import create_app
+    from laneway.http.server import serve
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -173,7 +172,7 @@ def _run(settings: config.Settings) -> None:
         f"  agents: {', '.join(settings.agents)}",
         soft_wrap=True,
     )
-    uvicorn.run(
+    serve(
         create_app(settings),
         host=settings.host,
         port=settings.port,
