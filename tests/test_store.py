@@ -351,3 +351,27 @@ async def test_sqlite_write_transactions_roll_back_and_report_unavailable(tmp_pa
         assert conn.raw.execute(count).fetchone()[0] == 1
         assert not conn.raw.in_transaction
     await driver.close()
+
+
+async def test_sqlite_wal_is_checkpointed_in_the_background_and_truncated_at_close(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint thread sleeps until a commit marks the WAL grown, then moves it into
+    the database file (which grows by the new pages); closing empties the WAL."""
+    path = tmp_path / "db.sqlite"
+    store = SqlStore(f"sqlite:///{path}")
+    await store.open()
+    try:
+        before = path.stat().st_size
+        ref = SessionRef("t", "default", "wal")
+        state = await store.load(ref, fence=1, window_tokens=1000)
+        for n in range(20):
+            await store.commit(state, _turn(n, "x" * 8000), fence=1)
+        deadline = time.monotonic() + 20
+        while path.stat().st_size == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size > before, "nothing was checkpointed"
+    finally:
+        await store.close()
+    wal = path.with_name(path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0

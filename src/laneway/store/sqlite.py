@@ -250,7 +250,8 @@ def _settle_all(batch: list[tuple[Statements, TurnWrite, asyncio.Future[None]]],
 
 
 class _Checkpointer:
-    """Moves the WAL into the database off the event loop, at most twice a second."""
+    """Moves the WAL into the database off the event loop, at most twice a second. It
+    sleeps until a commit marks the WAL grown: an idle store wakes no thread."""
 
     def __init__(self, path: str) -> None:
         self.dirty = threading.Event()
@@ -264,7 +265,8 @@ class _Checkpointer:
         conn.execute("PRAGMA busy_timeout=10000")
         try:
             while not self._stopping.is_set():
-                if self.dirty.wait(0.5) and not self._stopping.wait(0.5):
+                self.dirty.wait()
+                if not self._stopping.wait(0.5):
                     self.dirty.clear()
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
