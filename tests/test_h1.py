@@ -135,11 +135,11 @@ async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-
 
 
 async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: ignore[no-untyped-def]
-    """CRLF line ends, comments and `event:` lines pass; a stream over the reply limit is
-    refused even when no line of it ends."""
+    """CRLF line ends, comments, `event:` lines and `data:` without a space pass; a stream
+    over the reply limit is refused even when no line of it ends."""
     events = (b": keep-alive\r\n\r\nevent: message\r\n"
               + b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
-              + b"\r\n\r\ndata: [DONE]\r\n\r\n")
+              + b"\r\n\r\ndata:[DONE]\r\n\r\n")  # no space after the colon: still the end
     endless = b"data: " + b"x" * 5000
 
     async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:

@@ -145,14 +145,16 @@ _END: Any = object()
 
 
 def _event(line: bytes) -> dict[str, Any]:
-    """The chunk a server-sent `data:` line carries; `_END` for `data: [DONE]` (found when
-    the line is not JSON: once per stream, where a check first would run on every chunk).
+    """The chunk a server-sent `data:` line carries; `_END` for `data: [DONE]`. A chunk
+    as servers write it, `data: {`, skips the check for the end. (Finding the end by the
+    failed parse instead cost 2 µs per stream in the decode error's Python constructor; and
+    `b"{" in line` tries the needle as an integer first, an error formatted and dropped.)
     JSON's whitespace covers the space after `data:` and a CR before the line end."""
+    if line[6:7] != b"{" and line[5:].strip() == _DONE:
+        return _END
     try:
         chunk = orjson.loads(line[5:])
     except orjson.JSONDecodeError:
-        if line[5:].strip() == _DONE:
-            return _END
         raise UpstreamError("the model streamed invalid JSON") from None
     if type(chunk) is not dict:
         raise UpstreamError("the model streamed a non-object chunk")
