@@ -115,7 +115,7 @@ def test_sigterm_lets_the_running_turn_finish_then_exits(
     gateways: StartGateway, upstream: ScriptedUpstream
 ) -> None:
     """The server's own idle loop (`http/server.py`) still stops on SIGTERM the way
-    uvicorn's does: no new turns, the running one answered and saved, then the process ends by the signal, as uvicorn ends it."""
+    uvicorn's does: the running turn is answered, then the process ends by the signal."""
     import asyncio
     import signal
 
@@ -124,7 +124,8 @@ def test_sigterm_lets_the_running_turn_finish_then_exits(
     async def turn_across_the_signal() -> str | None:
         async with gateway.client() as client:
             running = asyncio.create_task(client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": "[conv=sigterm] [delay=1.5] [reply=kept]"}],
+                model="default",
+                messages=[{"role": "user", "content": "[conv=sigterm] [delay=1.5] [reply=kept]"}],
                 extra_headers={"x-laneway-session-key": "sigterm"},
             ))
             while not any(c.ended is None for c in upstream.calls("sigterm")):
