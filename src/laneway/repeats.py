@@ -34,6 +34,8 @@ class Repeats:
         self.store = store
         self.lanes = lanes
         self.ttl_s = ttl_s
+        #: Made in the app's lifespan; held: get_running_loop() is a system call on 3.11.
+        self._loop = asyncio.get_running_loop()
         self._keys = _Expiring(ttl_s)
         self._retries = _Expiring(RETRY_WINDOW_S)
 
@@ -61,7 +63,7 @@ class Repeats:
 
     def hold(self, names: list[str]) -> asyncio.Future[Turn | None]:
         """Claim the names in this process before anything awaits."""
-        claim: asyncio.Future[Turn | None] = asyncio.get_running_loop().create_future()
+        claim: asyncio.Future[Turn | None] = self._loop.create_future()
         for name in names:
             self._index(name)[name] = claim
         return claim

@@ -110,6 +110,9 @@ class TurnService:
         self.lanes = lanes
         self.upstreams = upstreams
         self.metrics = metrics
+        #: Held, not looked up per turn: on Python 3.11 each `asyncio.get_running_loop()`
+        #: (and `current_task()` without a loop) is a getpid system call.
+        self._loop = asyncio.get_running_loop()
         #: Queued and running turns, then the last finished ones (for rejoin and repeats).
         self._live: dict[str, Turn] = {}
         self._finished: OrderedDict[str, Turn] = OrderedDict()
@@ -172,7 +175,7 @@ class TurnService:
             batch.streamed = batch.streamed or req.stream
             self.metrics.turns["collected"] += 1
             return batch
-        turn = Turn(ref, req.model, req.stream, turn_id)
+        turn = Turn(ref, req.model, req.stream, turn_id, self._loop)
         max_waiting = 0 if req.policy == "reject" else req.agent.max_queue_depth
         try:
             ticket = await self.lanes.enter(key, max_waiting=max_waiting, owner=turn.id)
@@ -211,7 +214,7 @@ class TurnService:
         here = self._here.pop(turn.id, None)
         if here is None:
             return
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         assert task is not None
         self._track(turn, task)
         await self._run(turn, *here)
@@ -254,7 +257,7 @@ class TurnService:
             self.metrics.queue_wait.observe(turn.queue_wait_ms / 1000)
             ticket.on_interrupt = lambda: turn.interrupt("interrupt")
             ticket.on_lost = lambda: turn.interrupt("lost")
-            timer = asyncio.get_running_loop().call_later(
+            timer = self._loop.call_later(
                 agent.max_turn_s, turn.interrupt, "timeout"
             )
             turn.emit("start", None)

@@ -48,7 +48,12 @@ class Turn:
     )
 
     def __init__(
-        self, ref: SessionRef, model: str, streamed: bool, turn_id: str | None = None
+        self,
+        ref: SessionRef,
+        model: str,
+        streamed: bool,
+        turn_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.id = turn_id or new_turn_id()
         self.completion_id = "chatcmpl-" + self.id.removeprefix("turn_")
@@ -65,7 +70,8 @@ class Turn:
         self.streamed = streamed
         #: Requests waiting on this turn: its own, collected ones, idempotent repeats.
         self.requests = 1
-        self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = loop or asyncio.get_running_loop()
+        self.result: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.task: asyncio.Task[Any] | None = None
         #: Why the running turn is being stopped: "interrupt", "disconnect" or "timeout".
         self.interrupt_reason: str | None = None
@@ -115,7 +121,7 @@ class Turn:
         """A future of the caller's own, done at the next event or at the result. Setting
         it directly wakes a follower one loop iteration sooner than `asyncio.shield` of a
         shared future would, and a follower cancelled meanwhile leaves the others alone."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.result.get_loop().create_future()
         self._waiters.append(waiter)
         return waiter
 

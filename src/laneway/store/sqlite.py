@@ -87,8 +87,10 @@ class SqliteDriver:
         self._pending: list[tuple[Statements, TurnWrite, asyncio.Future[None]]] = []
         #: Whether a turn write was committed at once in this loop iteration.
         self._wrote_now = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by `open` (see commit_turn)
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(f"sqlite:///{self.path}")
@@ -115,7 +117,8 @@ class SqliteDriver:
             self._conn = None
 
     async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # held: each get_running_loop() is a getpid system call on 3.11
+        assert loop is not None, "store is not open"
         if not self._wrote_now:
             self._wrote_now = True
             loop.call_soon(self._next_iteration)

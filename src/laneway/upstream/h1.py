@@ -121,6 +121,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        #: The loop that made the connection (held: get_running_loop() is a system call).
+        self.loop = asyncio.get_running_loop()
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
         self.reset()
@@ -153,7 +155,7 @@ class Connection(asyncio.Protocol):
             if self.complete:
                 return None
             if idle_s is not None:
-                deadline = asyncio.get_running_loop().time() + idle_s
+                deadline = self.loop.time() + idle_s
             await self._wait(deadline)
         body, self._body = self._body, []
         return body[0] if len(body) == 1 else b"".join(body)
@@ -169,7 +171,7 @@ class Connection(asyncio.Protocol):
     async def _wait(self, deadline: float | None) -> None:
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:

@@ -46,10 +46,11 @@ class HttpUpstream:
         self._headers = headers.encode("latin-1")
         self._timeout_s = timeout_s
         self._max_reply = max_reply_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         data = orjson.dumps({**body, "model": self.model})
-        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        deadline = self._deadline()
         conn: Connection | None = None
         try:
             conn = await self._origin.post(self._path, self._headers, data, deadline)
@@ -79,7 +80,7 @@ class HttpUpstream:
                 "stream_options": {"include_usage": True},
             }
         )
-        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        deadline = self._deadline()
         conn: Connection | None = None
         try:
             conn = await self._origin.post(self._path, self._headers, data, deadline)
@@ -123,6 +124,14 @@ class HttpUpstream:
             if conn is not None:
                 self._origin.release(conn)
         raise UpstreamError("the model's stream ended before [DONE]")
+
+    def _deadline(self) -> float:
+        """`timeout_s` from now in loop time. The loop is looked up once: on Python 3.11
+        each `asyncio.get_running_loop()` is a getpid system call."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time() + self._timeout_s
 
     async def _read(self, conn: Connection, deadline: float) -> bytes:
         """The body, refusing one over the reply limit before holding it all."""
