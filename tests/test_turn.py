@@ -5,12 +5,14 @@ follower cancelled while waiting leaves the turn and the other followers alone."
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 
 import pytest
 
 from laneway.errors import LanewayError
 from laneway.store.base import SessionRef
-from laneway.turn import Turn
+from laneway.turn import Turn, new_turn_id
 
 REF = SessionRef("t", "default", "k")
 
@@ -105,3 +107,22 @@ async def test_stream_chunks_put_together_from_pieces_are_plain_json(include_usa
     assert stream._chunk({"role": "assistant", "content": ""}) == whole(
         {"role": "assistant", "content": ""})
     assert stream._chunk({}, "stop") == whole({}, "stop")
+
+
+def test_turn_ids_are_unique_random_hex_across_blocks_and_forks() -> None:
+    """Ids are cut from blocks of OS randomness; a forked child must not cut the ids its
+    parent is about to cut from the block they would otherwise share."""
+    ids = [new_turn_id() for _ in range(2000)]  # several blocks of 341 ids
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"turn_[0-9a-f]{24}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_turn_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert re.fullmatch(r"turn_[0-9a-f]{24}", child)
+    assert child != new_turn_id()
