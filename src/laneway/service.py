@@ -203,7 +203,7 @@ class TurnService:
         self._inputs[turn.id] = req.turn
         self._live[turn.id] = turn
         if req.stream or ticket.arrival_position or req.agent.on_disconnect == "cancel":
-            self._track(turn, asyncio.create_task(self._run(turn, req, key)))
+            self._track(turn, self._loop.create_task(self._run(turn, req, key)))
         else:
             self._here[turn.id] = (req, key)
         return turn

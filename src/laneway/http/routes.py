@@ -343,7 +343,7 @@ class Api:
 async def _follow(turn: Turn, receive: Receive) -> bool:
     """Wait for the turn's result while watching for a disconnect: False if the client
     left first (a queued turn then leaves its lane, a running one may be stopped)."""
-    gone = asyncio.ensure_future(disconnected(receive))
+    gone = turn.result.get_loop().create_task(disconnected(receive))
     try:
         await either(turn.result, gone)
     finally:

@@ -213,7 +213,7 @@ async def either(a: asyncio.Future[Any], b: asyncio.Future[Any]) -> None:
     """Returns once `a` or `b` is done; cancels neither. `asyncio.wait` does the same with
     sets, a waiter and a callback per future each call: 24 K more instructions per queued
     turn (callgrind)."""
-    woken = asyncio.get_running_loop().create_future()
+    woken = a.get_loop().create_future()  # not get_running_loop(): a getpid call on 3.11
 
     def wake(_: object) -> None:
         if not woken.done():

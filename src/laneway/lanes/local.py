@@ -48,7 +48,7 @@ class LocalTicket:
             raise RuntimeError("ticket was released")
         # A timer of our own, not `asyncio.timeout`: its context manager cost 23 K
         # instructions per queued turn on top of the timer itself (callgrind).
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, timeout)
+        timer = self._future.get_loop().call_later(timeout, self._expire, timeout)
         try:
             await self._future
         except QueueTimeout:
