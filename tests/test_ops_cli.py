@@ -127,9 +127,12 @@ def test_lanes_show_a_busy_lane_and_its_queue(gateway: Gateway) -> None:
 
 def test_lanes_watch_stops_cleanly_on_ctrl_c(gateway: Gateway) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANEWAY_")}
+    # SIGINT as a terminal leaves it: a shell's background job starts with it ignored, and
+    # a Python started so keeps ignoring it (and Ctrl-C could not stop the watch).
     proc = subprocess.Popen(
         [sys.executable, "-m", "laneway", "lanes", "--watch", "--interval", "0.2",
-         "--url", gateway.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+         "--url", gateway.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
