@@ -12,7 +12,9 @@ flight at once, all on one key: every turn waits in the lane and is handed it.
                                       [--laneway-src DIR] [--keep DIR]
 
 `--keep DIR` copies each target's callgrind file of the measured requests there, for
-`callgrind_annotate` (which C functions and libraries the instructions go to).
+`callgrind_annotate` (which C functions and libraries the instructions go to). Names are
+written uncompressed: a dump after the first refers to names by numbers defined in the
+first, which `callgrind_annotate` cannot read.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
         raise SystemExit(f"unknown target {target!r}: bare or laneway")
     out = tmp / f"callgrind-{target}"
     server = procs.spawn(target, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                                  *argv], env=env)
+                                  "--compress-strings=no", *argv], env=env)
     try:
         wait_http(server, f"http://127.0.0.1:{port}/v1/models", timeout_s=300)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
