@@ -134,6 +134,38 @@ async def test_chunked_stream_split_anywhere(serve) -> None:  # type: ignore[no-
     await client.close()
 
 
+def _data(content: str) -> bytes:
+    return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": content}}]})
+
+
+@pytest.mark.parametrize("reads", [
+    [_data("a") + b"\n\n" + _data("b") + b"\n\ndata: [DONE]\n\n"],
+    [_data("a") + b"\n\n" + _data("b") + b"\n\n", b"data: [DONE]\n\n"],
+    [_data("a") + b"\n\n\n\n" + _data("b") + b"\n\n\ndata: [DONE]\n\n"],
+    [_data("a") + b"\n\n: ping\n\n" + _data("b") + b"\n\ndata: [DONE]\n\n"],
+    [_data("a") + b"\n\n" + _data("b").replace(b"data: ", b"data:") + b"\n\ndata: [DONE]\n\n"],
+    [_data("a") + b"\r\n\r\n" + _data("b") + b"\n\ndata: [DONE]\n\n"],
+    [_data("a") + b"\n\n" + _data("b") + b"\ndata: [DONE]\n\n"],
+    [_data("a") + b"\n\n" + _data("b")[:20], _data("b")[20:] + b"\n\ndata: [DONE]\n\n"],
+], ids=["one-read", "done-later", "blank-lines", "comment", "no-space", "crlf", "one-newline",
+        "split-event"])
+async def test_whole_events_in_a_read_parse_as_line_by_line(serve, reads) -> None:  # type: ignore[no-untyped-def]
+    """A read of whole events as servers write them is parsed in one go; every other shape
+    falls back to lines. Both give the same chunks, and [DONE] ends the stream either way."""
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        for piece in chunked(*reads):
+            w.write(piece)
+            await w.drain()
+            await asyncio.sleep(0.01)
+
+    _, url = await serve(handler)
+    client = upstream(url)
+    assert [c["choices"][0]["delta"]["content"]
+            async for batch in client.stream(ASK) for c in batch] == ["a", "b"]
+    await client.close()
+
+
 async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: ignore[no-untyped-def]
     """CRLF line ends, comments, `event:` lines and `data:` without a space pass; a stream
     over the reply limit is refused even when no line of it ends."""
