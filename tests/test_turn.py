@@ -22,16 +22,16 @@ async def test_followers_get_every_event_in_order_and_know_what_is_ready() -> No
     early = turn.events()
     assert not early.ready()
     turn.emit("start", None)
-    turn.emit("delta", "a")
+    turn.emit("deltas", ["a"])
     assert early.ready()
     assert await anext(early) == ("start", None)
-    assert await anext(early) == ("delta", "a")
+    assert await anext(early) == ("deltas", ["a"])
     assert not early.ready()
     waiting = asyncio.ensure_future(anext(early))
     await asyncio.sleep(0)
     assert not waiting.done()
-    turn.emit("delta", "b")
-    assert await waiting == ("delta", "b")
+    turn.emit("deltas", ["b"])
+    assert await waiting == ("deltas", ["b"])
     turn.finish({"id": "x"}, "completed")
     assert early.ready()
     assert await anext(early) == ("done", {"id": "x"})
@@ -39,7 +39,7 @@ async def test_followers_get_every_event_in_order_and_know_what_is_ready() -> No
         await anext(early)
     late = turn.events()  # arrives after the end: replays everything
     assert [event async for event in late] == [
-        ("start", None), ("delta", "a"), ("delta", "b"), ("done", {"id": "x"})]
+        ("start", None), ("deltas", ["a"]), ("deltas", ["b"]), ("done", {"id": "x"})]
 
 
 async def test_start_wakes_followers_only_of_a_queued_turn() -> None:
@@ -51,7 +51,7 @@ async def test_start_wakes_followers_only_of_a_queued_turn() -> None:
         turn.emit("start", None)
         await asyncio.sleep(0)
         assert waiting.done() == bool(queued), queued
-        turn.emit("delta", "a")
+        turn.emit("deltas", ["a"])
         assert await waiting == ("start", None)
 
 
@@ -64,8 +64,8 @@ async def test_a_cancelled_follower_leaves_the_others_alone() -> None:
     await asyncio.sleep(0)
     cancelled.cancel()
     await asyncio.sleep(0)
-    turn.emit("delta", "a")
-    assert await kept == ("delta", "a")
+    turn.emit("deltas", ["a"])
+    assert await kept == ("deltas", ["a"])
     turn.fail(LanewayError("boom"))
     await settled
     assert not turn.result.cancelled()
@@ -75,7 +75,7 @@ async def test_a_cancelled_follower_leaves_the_others_alone() -> None:
 async def test_a_turn_without_a_stream_is_followed_by_its_result() -> None:
     turn = Turn(REF, "m", streamed=False)
     follower = turn.events()
-    turn.emit("delta", "ignored: nothing is logged")
+    turn.emit("deltas", ["ignored: nothing is logged"])
     assert not follower.ready()
     turn.finish({"id": "y"}, "completed")
     assert follower.ready()

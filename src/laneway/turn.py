@@ -16,7 +16,8 @@ from laneway.errors import LanewayError
 from laneway.lanes.base import Ticket
 from laneway.store.base import SessionRef
 
-#: ("start", None), ("delta", str), ("tool_calls", list); then ("done", body) or ("error", err)
+#: ("start", None), ("deltas", [text, ...]) (the text of one read from the model, in its
+#: pieces), ("tool_calls", list); then ("done", body) or ("error", err)
 Event = tuple[str, Any]
 TERMINAL = ("done", "error")
 

@@ -18,7 +18,9 @@ from laneway.store.base import Memory, Message, SessionState
 from laneway.tokens import estimate_text
 from laneway.upstream.base import Upstream
 
-#: Receives ("delta", text) and ("tool_calls", [call, ...]) while a streamed turn runs.
+#: Receives ("deltas", [text, ...]) per read from the model and ("tool_calls", [call, ...])
+#: while a streamed turn runs. One event per read, not per piece: the turn logs and wakes
+#: its followers once for all the pieces that came together.
 Emit = Callable[[str, Any], None]
 
 UNKNOWN_TOOL = "error: no tool of that name is available"
@@ -158,6 +160,7 @@ class AgentLoop:
         finish = "stop"
         usage: dict[str, int] | None = None
         async for batch in self.upstream.stream(body):
+            texts = []
             for chunk in batch:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
@@ -168,12 +171,14 @@ class AgentLoop:
                 delta = choice.get("delta") or {}
                 text = delta.get("content")
                 if text:
-                    parts.append(text)
-                    emit("delta", text)
+                    texts.append(text)
                 for piece in delta.get("tool_calls") or ():
                     _merge_call(calls, piece)
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+            if texts:
+                parts += texts
+                emit("deltas", texts)
         content = "".join(parts) if parts else None
         assistant = _assistant(content, [calls[i] for i in sorted(calls)] or None)
         return assistant, finish, usage or _estimate_usage(prompt_tokens, assistant)

@@ -126,9 +126,9 @@ class TurnStream:
             if kind != "start" and not role_sent:
                 role_sent = True
                 out.append(self._chunk({"role": "assistant", "content": ""}))
-            if kind == "delta":
+            if kind == "deltas":
                 relayed = True
-                out.append(self._text(value))
+                out += map(self._text, value)
             elif kind == "tool_calls":
                 relayed = True
                 out.append(self._chunk({"tool_calls": _indexed(value)}))
