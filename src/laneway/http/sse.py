@@ -49,7 +49,9 @@ class TurnStream:
         head = orjson.dumps({**self._base, "choices": [{"index": 0, "delta": None}]})
         self._head = b"data: " + head[: head.rindex(b"null")]
         self._tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._text_head = self._head + b'{"content":'
         self._text_tail = b'},"logprobs":null,"finish_reason":null' + self._tail
+        self._between = self._text_tail + self._text_head  # from one text to the next
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         turn = self.turn
@@ -128,7 +130,7 @@ class TurnStream:
                 out.append(self._chunk({"role": "assistant", "content": ""}))
             if kind == "deltas":
                 relayed = True
-                out += map(self._text, value)
+                out.append(self._texts(value))
             elif kind == "tool_calls":
                 relayed = True
                 out.append(self._chunk({"tool_calls": _indexed(value)}))
@@ -170,7 +172,11 @@ class TurnStream:
 
     def _text(self, text: str) -> bytes:
         """`_chunk({"content": text})`, the common chunk, put together without a dict."""
-        return self._head + b'{"content":' + orjson.dumps(text) + self._text_tail
+        return self._text_head + orjson.dumps(text) + self._text_tail
+
+    def _texts(self, texts: list[str]) -> bytes:
+        """`_text` of each text, in one join: what lies between two texts is a constant."""
+        return self._text_head + self._between.join(map(orjson.dumps, texts)) + self._text_tail
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return (self._head + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":'
