@@ -375,36 +375,3 @@ async def test_sqlite_wal_is_checkpointed_in_the_background_and_truncated_at_clo
         await store.close()
     wal = path.with_name(path.name + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
-
-
-async def test_sqlite_new_files_get_small_pages_and_old_ones_keep_theirs(tmp_path: Path) -> None:
-    """A new database file is made with `PAGE_SIZE` pages (the WAL writes and checksums each
-    changed page whole); a file made with another size opens, works and keeps it."""
-    import sqlite3
-
-    from laneway.store.sqlite import PAGE_SIZE
-
-    def page_size(path: Path) -> int:
-        with sqlite3.connect(path) as conn:
-            return int(conn.execute("PRAGMA page_size").fetchone()[0])
-
-    made = {}
-    for name, size in (("new.sqlite", None), ("old.sqlite", 4096)):
-        path = tmp_path / name
-        if size is not None:
-            with sqlite3.connect(path) as conn:
-                conn.execute(f"PRAGMA page_size={size}")
-                conn.execute("PRAGMA journal_mode=WAL")
-        store = SqlStore(f"sqlite:///{path}")
-        await store.open()
-        try:
-            ref = SessionRef("t", "default", "pages")
-            state = await store.load(ref, fence=1, window_tokens=1000)
-            await store.commit(state, _turn(1, "hello"), fence=1)
-            reloaded = await store.load(ref, fence=2, window_tokens=1000)
-            assert [m["content"] for m in reloaded.tail.messages] == ["hello", "re hello"]
-        finally:
-            await store.close()
-        made[name] = page_size(path)
-    assert made == {"new.sqlite": PAGE_SIZE, "old.sqlite": 4096}
-    assert PAGE_SIZE != 4096

@@ -37,11 +37,6 @@ from laneway.store.statements import Sql, Statements
 
 logger = logging.getLogger(__name__)
 
-#: Pages of a new database file. A turn changes about six pages, and the WAL takes each
-#: changed page whole, with a checksum over all of it: at 2 KiB against SQLite's default 4,
-#: 7-12 K fewer instructions per turn (callgrind: plain, streamed, queued) and half the bytes
-#: written. 1 KiB saved less: more pages change. A file keeps the size it was made with.
-PAGE_SIZE = 2048
 _PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=10000",
             "wal_autocheckpoint=0", "cache_size=-32000")
 _SEARCH = (
@@ -101,7 +96,6 @@ class SqliteDriver:
         engine = create_engine(f"sqlite:///{self.path}")
         try:
             with engine.begin() as conn:
-                conn.exec_driver_sql(f"PRAGMA page_size={PAGE_SIZE}")  # a new file only
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                 upgrade(conn)
         finally:
