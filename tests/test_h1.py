@@ -166,6 +166,23 @@ async def test_whole_events_in_a_read_parse_as_line_by_line(serve, reads) -> Non
     await client.close()
 
 
+@pytest.mark.parametrize("events", [
+    b'data: {"choices": [1\n\ndata: 2]}\n\n',  # one value cut in two events
+    b'data: {"choices": []}, {"choices": []}\n\n',  # two values in one event
+], ids=["cut", "two-in-one"])
+async def test_events_that_are_not_one_json_value_each_are_invalid(serve, events) -> None:  # type: ignore[no-untyped-def]
+    """Made one array, these would parse; each event on its own does not."""
+
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        w.writelines(chunked(events + b"data: [DONE]\n\n"))
+
+    _, url = await serve(handler)
+    client = upstream(url)
+    with pytest.raises(UpstreamError, match="invalid JSON"):
+        [c async for c in client.stream(ASK)]
+    await client.close()
+
+
 async def test_stream_framing_comments_and_reply_limit(serve) -> None:  # type: ignore[no-untyped-def]
     """CRLF line ends, comments, `event:` lines and `data:` without a space pass; a stream
     over the reply limit is refused even when no line of it ends."""
