@@ -8,8 +8,11 @@ dumped before and after `--requests` requests at concurrency 1, one session key 
 requests, against the scripted upstream with no delay. With `--queued N`, N requests are in
 flight at once, all on one key: every turn waits in the lane and is handed it.
 
-    python -m benchmarks.instructions [--requests 300] [--stream] [--queued N]
+    python -m benchmarks.instructions [--requests 300] [--stream [--pace MS]] [--queued N]
                                       [--laneway-src DIR] [--keep DIR]
+
+`--pace MS` has the model stream its reply one chunk per write, MS apart, as a model whose
+tokens come one by one does; without it the whole stream comes in one write.
 
 `--keep DIR` copies each target's callgrind file of the measured requests there, for
 `callgrind_annotate` (which C functions and libraries the instructions go to). Names are
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -40,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--pace", type=float, default=0.0, metavar="MS",
+                        help="with --stream: one chunk per write, MS apart")
     parser.add_argument("--queued", type=int, default=0, metavar="N",
                         help="N requests in flight on one session key")
     parser.add_argument("--targets", default="bare,laneway")
@@ -63,8 +69,10 @@ def main() -> None:
             for target in args.targets.split(","):
                 count = measure(procs, loadgen, target, base, Path(tmp), args)
                 how = f"{args.queued} queued on one key" if args.queued else "c1"
-                print(f"{target:10s} {count / 1e6:.3f} M instructions / request"
-                      f" ({'stream' if args.stream else 'plain'}, {how})", flush=True)
+                kind = "stream" if args.stream else "plain"
+                kind += f", paced {args.pace:g} ms" if args.pace else ""
+                print(f"{target:10s} {count / 1e6:.3f} M instructions / request ({kind}, {how})",
+                      flush=True)
         finally:
             procs.stop_all()
 
@@ -90,8 +98,10 @@ def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
     try:
         wait_http(server, f"http://127.0.0.1:{port}/v1/models", timeout_s=300)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        shape = {"concurrency": args.queued, "keys": "one"} if args.queued else \
-            {"concurrency": 1}
+        shape: dict[str, Any] = {"concurrency": args.queued, "keys": "one"} if args.queued \
+            else {"concurrency": 1}
+        if args.pace:
+            shape["pace_ms"] = args.pace
         _load(loadgen, Job(url=url, requests=100, stream=args.stream, **shape))
         _dump(server)
         _load(loadgen, Job(url=url, requests=args.requests, stream=args.stream, **shape))

@@ -40,6 +40,7 @@ class Job:
     concurrency: int
     stream: bool = False
     delay_ms: float = 0.0
+    pace_ms: float = 0.0  # a streamed reply one event per write, this far apart
     keys: str = "rotate"
     key: str = "k"
     rotate_every: int = 20
@@ -54,6 +55,7 @@ class Job:
         script = f"bench d={self.delay_ms:g}"
         script += f" h={self.tag}" if self.tag else ""
         script += " g=1" if self.gate else ""
+        script += f" p={self.pace_ms:g}" if self.pace_ms else ""
         return f"{script} {FILLER}"
 
 

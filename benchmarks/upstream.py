@@ -8,7 +8,9 @@ The script rides in the last user message, `bench d=<ms> [h=<tag>] [g=1] ...`:
   h  record, per tag, the gap between the end of one call and the start of the next: the lane
      hand-off as the model sees it (`GET /_bench/gaps?tag=T` returns and forgets them);
   g  park the call until `POST /_bench/release` (`GET /_bench/parked` counts them), to hold
-     many sessions open at once.
+     many sessions open at once;
+  p  stream the reply one event per write, this many ms apart, as a model whose tokens come
+     one by one (without it, the whole stream goes in one write).
 
     python -m benchmarks.upstream --port 0     # prints "ready PORT" on stdout
 """
@@ -41,10 +43,10 @@ _OK_SSE = (
 
 
 class Script:
-    __slots__ = ("delay_s", "gate", "tag")
+    __slots__ = ("delay_s", "gate", "pace_s", "tag")
 
     def __init__(self, text: str) -> None:
-        self.delay_s, self.tag, self.gate = 0.0, "", False
+        self.delay_s, self.tag, self.gate, self.pace_s = 0.0, "", False, 0.0
         for word in text.split(maxsplit=8)[1:]:
             name, _, value = word.partition("=")
             if name == "d":
@@ -53,6 +55,8 @@ class Script:
                 self.tag = value
             elif name == "g":
                 self.gate = value == "1"
+            elif name == "p":
+                self.pace_s = float(value) / 1000
 
 
 class Model:
@@ -69,8 +73,9 @@ class Model:
         if last is not None:
             self.gaps.setdefault(tag, []).append((now - last) * 1000)
 
-    def answer(self, body: bytes) -> tuple[bytes, Script]:
-        """The whole HTTP response for a chat completion request, and its script."""
+    def answer(self, body: bytes) -> tuple[list[bytes], Script]:
+        """The HTTP response for a chat completion request, in the writes that send it (one,
+        unless the script paces a stream), and its script."""
         self.calls += 1
         data = orjson.loads(body)
         text = next(
@@ -91,13 +96,17 @@ class Model:
             out = orjson.dumps(
                 {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             )
-            return _OK_JSON % len(out) + out, script
+            return [_OK_JSON % len(out) + out], script
         opts = data.get("stream_options")
         with_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        return _OK_SSE + _chunked(_stream(base, usage if with_usage else None)), script
+        events = _stream(base, usage if with_usage else None)
+        if script.pace_s > 0:
+            pieces = [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+            return [_OK_SSE + pieces[0], *pieces[1:-1], pieces[-1] + b"0\r\n\r\n"], script
+        return [_OK_SSE + _chunked(b"".join(events))], script
 
 
-def _stream(base: dict[str, Any], usage: dict[str, int] | None) -> bytes:
+def _stream(base: dict[str, Any], usage: dict[str, int] | None) -> list[bytes]:
     head = {**base, "object": "chat.completion.chunk"}
     if usage is not None:
         head["usage"] = None
@@ -113,7 +122,7 @@ def _stream(base: dict[str, Any], usage: dict[str, int] | None) -> bytes:
     )
     if usage is not None:
         events.append({**head, "choices": [], "usage": usage})
-    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
 def _chunked(payload: bytes) -> bytes:
@@ -160,7 +169,7 @@ class Connection(asyncio.Protocol):
             response, script = self.model.answer(body)
             if script.tag:
                 self.model.started(script.tag, now)
-            send = functools.partial(self._send, response, script.tag)
+            send = functools.partial(self._send, response, script.tag, script.pace_s)
             if script.gate:
                 self.model.parked.append(send)
             elif script.delay_s > 0:
@@ -168,7 +177,7 @@ class Connection(asyncio.Protocol):
             else:
                 send()
         else:
-            self._send(self._control(path, parse_qs(urlsplit(url).query)), "")
+            self._send([self._control(path, parse_qs(urlsplit(url).query))], "")
 
     def _control(self, path: str, query: dict[str, list[str]]) -> bytes:
         model = self.model
@@ -188,13 +197,17 @@ class Connection(asyncio.Protocol):
             return _json({"released": len(parked)})
         return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
-    def _send(self, response: bytes, tag: str) -> None:
+    def _send(self, pieces: list[bytes], tag: str, pace_s: float = 0.0) -> None:
+        """Write the first piece now and each next one `pace_s` later."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if tag:
+        if tag and len(pieces) == 1:
             self.model.last_end[tag] = time.perf_counter()
-        transport.write(response)
+        transport.write(pieces[0])
+        if len(pieces) > 1:
+            asyncio.get_running_loop().call_later(
+                pace_s, self._send, pieces[1:], tag, pace_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

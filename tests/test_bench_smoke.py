@@ -128,3 +128,37 @@ def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
     for figures in versus.values():
         assert all(positive(figures[k]) for k in ("base", "laneway", "ratio")), figures
     assert "| lane hand-off ms |" in out.with_suffix(".md").read_text()
+
+
+def test_the_bench_model_paces_a_stream_one_event_per_write() -> None:
+    """`p=MS` in the script: the reply's events come in writes of one each, MS apart (what
+    `benchmarks.instructions --pace` measures); without it, in one write."""
+    import socket
+    import time
+
+    import orjson
+
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.upstream", "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[1])
+        for script, paced in (("bench d=0 p=20", True), ("bench d=0", False)):
+            body = orjson.dumps({"stream": True, "stream_options": {"include_usage": True},
+                                 "messages": [{"role": "user", "content": script}]})
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                reads, data, started = 0, b"", time.monotonic()
+                while not data.endswith(b"0\r\n\r\n"):
+                    data += sock.recv(1 << 20)
+                    reads += 1
+                elapsed = time.monotonic() - started
+            assert data.count(b"data: ") == 12, data  # 11 chunks (usage last) and [DONE]
+            if paced:  # 12 writes: a read may take two if this process was held up
+                assert reads >= 6 and elapsed >= 11 * 0.02 * 0.9, (reads, elapsed)
+            else:
+                assert reads == 1, reads
+    finally:
+        proc.terminate()
+        proc.wait(10)
