@@ -16,7 +16,6 @@ import openai
 import orjson
 import pytest
 from conftest import Gateway, StartGateway
-from openai import AsyncOpenAI
 from openai_schema import validate_chunk, validate_error
 from scripted_upstream import ScriptedUpstream
 
