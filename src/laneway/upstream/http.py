@@ -95,9 +95,9 @@ class HttpUpstream:
                     if whole is not None:
                         received += len(buffered)
                         rest = b""
-                        if whole[0]:
-                            yield whole[0]
-                        if whole[1]:
+                        chunks, ended = whole
+                        yield chunks
+                        if ended:
                             return
                         continue
                 lines = buffered.split(b"\n")
@@ -182,13 +182,14 @@ def _event(line: bytes) -> dict[str, Any]:
     return chunk
 
 
-_LAST = b"data: [DONE]\n\n"
+_LAST = b"data: " + _DONE + b"\n\n"
+_BETWEEN = b"\n\ndata: "  # what separates two events as servers write them
 
 
 def _whole_events(data: bytes) -> tuple[list[dict[str, Any]], bool] | None:
-    """The chunks of `data` in one parse, and whether it ends the stream, when `data` is whole
-    events as servers write them: `data: {...}` lines, each followed by a blank line, and
-    perhaps `data: [DONE]`. None for anything else, an error chunk included: the caller then
+    """The chunks of `data` in one parse (at least one), and whether it ends the stream, when
+    `data` is whole events as servers write them: `data: {...}` lines, each followed by a
+    blank line, and perhaps `data: [DONE]`. None for anything else, an error chunk included: the caller then
     goes line by line, which names the error. A JSON text holds no raw line end, so
     `\n\ndata: ` only ever comes between events; made commas, they turn the events into one
     JSON array. That array has one element per event unless an event is not one JSON value
@@ -197,14 +198,15 @@ def _whole_events(data: bytes) -> tuple[list[dict[str, Any]], bool] | None:
     1.11 M instructions, for a reply of 11 chunks that come in one read (callgrind)."""
     if data[:7] != b"data: {" or data[-2:] != b"\n\n":
         return None
-    ended = data[-14:] == _LAST
-    events = data[6:-14] if ended else data[6:]
-    joined = events.replace(b"\n\ndata: ", b",")
+    ended = data.endswith(_LAST)
+    events = data[6 : -len(_LAST)] if ended else data[6:]
+    joined = events.replace(_BETWEEN, b",")
     try:
         chunks = orjson.loads(b"[" + joined + b"]")
     except orjson.JSONDecodeError:
         return None
-    if len(chunks) != (len(events) - len(joined)) // 7 + 1:  # each separator: 8 bytes -> 1
+    separators = (len(events) - len(joined)) // (len(_BETWEEN) - 1)  # each became a comma
+    if len(chunks) != separators + 1:
         return None
     for chunk in chunks:
         if type(chunk) is not dict or "error" in chunk:
