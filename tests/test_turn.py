@@ -104,7 +104,7 @@ async def test_stream_chunks_put_together_from_pieces_are_plain_json(include_usa
 
     texts = ["plain", 'quote " and \\ and \n', "naïve ☃"]
     for text in texts:
-        assert stream._text(text) == whole({"content": text})
+        assert stream._texts([text]) == whole({"content": text})
     assert stream._texts(texts) == b"".join(whole({"content": text}) for text in texts)
     assert stream._texts(["one"]) == whole({"content": "one"})
     assert stream._chunk({"role": "assistant", "content": ""}) == whole(

@@ -161,7 +161,7 @@ class TurnStream:
         out = b"".join(before)
         message = choice["message"]
         if whole and message.get("content"):
-            out += self._text(message["content"])
+            out += self._texts([message["content"]])
         if whole and message.get("tool_calls"):
             out += self._chunk({"tool_calls": _indexed(message["tool_calls"])})
         out += self._chunk({}, choice["finish_reason"])
@@ -170,12 +170,9 @@ class TurnStream:
             out += b"data: " + orjson.dumps(usage) + b"\n\n"
         await _write(send, out + _DONE, more=False)
 
-    def _text(self, text: str) -> bytes:
-        """`_chunk({"content": text})`, the common chunk, put together without a dict."""
-        return self._text_head + orjson.dumps(text) + self._text_tail
-
     def _texts(self, texts: list[str]) -> bytes:
-        """`_text` of each text, in one join: what lies between two texts is a constant."""
+        """`_chunk({"content": text})` of each text, the common chunk, put together without a
+        dict and in one join: what lies between two texts is a constant."""
         return self._text_head + self._between.join(map(orjson.dumps, texts)) + self._text_tail
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
