@@ -420,6 +420,11 @@ class TurnService:
     def _retire(self, turn: Turn, outcome: str, started_at: float) -> None:
         self._live.pop(turn.id, None)
         self._inputs.pop(turn.id, None)
+        # Kept for late followers, a finished turn needs its result, not its task (with
+        # its coroutine and context) or its released ticket (with the lane's queue): those
+        # would keep ~8 more objects alive per turn for the garbage collector to walk.
+        turn.task = None
+        turn.ticket = None
         self._finished[turn.id] = turn
         while len(self._finished) > _KEEP_FINISHED:
             self._finished.popitem(last=False)

@@ -88,7 +88,7 @@ class Turn:
         self.completion_id = "chatcmpl-" + self.id.removeprefix("turn_")
         self.ref = ref
         self.model = model
-        #: The lane ticket, once the turn has joined its lane.
+        #: The lane ticket, from joining the lane until the turn is retired.
         self.ticket: Ticket | None = None
         self.arrival_position = 0
         self.created = time.time()
@@ -141,10 +141,12 @@ class Turn:
         self._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _changed(self) -> asyncio.Future[None]:
         """A future of the caller's own, done at the next event or at the result. Setting
@@ -170,6 +172,11 @@ class Turn:
     def events(self) -> Follower:
         """Every event from the first, then live ones, until the terminal event."""
         return Follower(self)
+
+    async def position(self) -> int:
+        """The turn's place in its lane: 0 once it holds the lane or has been retired."""
+        ticket = self.ticket
+        return 0 if ticket is None else await ticket.position()
 
     def interrupt(self, reason: str) -> None:
         """Stop the turn: at once if the model is running, else before it is called; a

@@ -90,11 +90,10 @@ class TurnStream:
         self, events: Follower, gone: asyncio.Future[None] | None, send: Send
     ) -> Event | None:
         """Comments until the turn's first event; None if the client left meanwhile."""
-        assert self.turn.ticket is not None
         first = asyncio.ensure_future(anext(events))
         try:
             while True:
-                position = await self.turn.ticket.position()
+                position = await self.turn.position()
                 await _write(send, b": queued position=%d\n\n" % position)
                 assert gone is not None, "a queued turn is watched"
                 done, _ = await asyncio.wait(
