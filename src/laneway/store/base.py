@@ -9,7 +9,7 @@ A turn's writes (messages, memories, turn record) land in one transaction in `co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from laneway.store.tail import Tail
 
@@ -20,8 +20,10 @@ class StaleFence(Exception):
     """A newer lane holder has claimed the session; this writer must drop its work."""
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRef:
+class SessionRef(NamedTuple):
+    """A session's identity. A tuple, hashed and compared in C: made and looked up in a
+    dict, 0.33 µs here against a frozen dataclass's 0.94."""
+
     tenant: str
     agent: str
     key: str
