@@ -18,29 +18,33 @@ class Caller:
     admin: bool
 
 
+_ADMIN = Caller(DEFAULT_TENANT, admin=True)
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
 class Auth:
+    """Callers are made once, at start-up, and looked up by digest: a request makes none
+    (a frozen dataclass took 0.5 µs to make here)."""
+
     def __init__(self, api_keys: Mapping[str, str], admin_keys: list[str]) -> None:
-        self._tenants = {_digest(key): tenant for key, tenant in api_keys.items()}
-        self._admins = {_digest(key) for key in admin_keys}
-        self.open = not self._tenants and not self._admins
+        self._callers = {_digest(key): Caller(tenant, admin=False)
+                         for key, tenant in api_keys.items()}
+        self._callers.update((_digest(key), _ADMIN) for key in admin_keys)
+        self.open = not self._callers
 
     def caller(self, headers: Mapping[str, str]) -> Caller:
         if self.open:
-            return Caller(DEFAULT_TENANT, admin=True)
+            return _ADMIN
         scheme, _, key = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("missing API key: send Authorization: Bearer KEY")
-        digest = _digest(key.strip())
-        if digest in self._admins:
-            return Caller(DEFAULT_TENANT, admin=True)
-        tenant = self._tenants.get(digest)
-        if tenant is None:
+        caller = self._callers.get(_digest(key.strip()))
+        if caller is None:
             raise Unauthorized("invalid API key")
-        return Caller(tenant, admin=False)
+        return caller
 
 
 class RateLimiter:
