@@ -99,10 +99,12 @@ class Launcher:
             return server
         if name == "litellm":
             port = free_port()
+            config = self.workdir / f"{label}.yaml"
+            config.write_text(_LITELLM_CONFIG.format(upstream=self.upstream))
             argv = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--host", "127.0.0.1",
-                    "--port", str(port), "--model", "openai/bench", "--api_base",
-                    self.upstream + "/v1", "--num_workers", "1"]
-            proc = self.procs.spawn(label, argv, env={"OPENAI_API_KEY": "bench"})
+                    "--port", str(port), "--config", str(config), "--num_workers", "1"]
+            # Its own table of model prices, not the copy LiteLLM fetches from GitHub at start.
+            proc = self.procs.spawn(label, argv, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"})
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc), timeout_s=120)
         raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
 
@@ -158,6 +160,20 @@ class Launcher:
         assert server.proc is not None
         wait_http(server.proc, server.base + server.ready_path, timeout_s)
         return server
+
+
+#: The load's model name routed to the scripted upstream. LiteLLM's proxy refuses to start
+#: without a master key unless told to; the load sends none.
+_LITELLM_CONFIG = """\
+model_list:
+  - model_name: default
+    litellm_params:
+      model: openai/bench
+      api_base: {upstream}/v1
+      api_key: bench
+general_settings:
+  dangerously_permit_weak_or_unset_master_key: true
+"""
 
 
 def _postgres(statement: str) -> None:
