@@ -11,6 +11,7 @@ import re
 import pytest
 
 from laneway.errors import LanewayError
+from laneway.lanes.local import LocalLanes
 from laneway.store.base import SessionRef
 from laneway.turn import Turn, new_turn_id
 
@@ -80,6 +81,20 @@ async def test_a_turn_without_a_stream_is_followed_by_its_result() -> None:
     turn.finish({"id": "y"}, "completed")
     assert follower.ready()
     assert [event async for event in follower] == [("done", {"id": "y"})]
+
+
+async def test_queue_position_comes_from_the_ticket_until_the_turn_is_retired() -> None:
+    """A queued stream's comments ask the turn for its position; a retired turn has let go of
+    its ticket (so that its lane's objects are freed) and answers 0."""
+    lanes = LocalLanes()
+    holder = await lanes.enter("k", max_waiting=5)
+    turn = Turn(REF, "m", streamed=True)
+    turn.ticket = await lanes.enter("k", max_waiting=5)
+    assert await turn.position() == 1
+    await holder.release()
+    assert await turn.position() == 0
+    turn.ticket = None  # as the service leaves a turn it retires
+    assert await turn.position() == 0
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
