@@ -276,6 +276,35 @@ async def test_silence_is_a_timeout_and_the_connection_is_not_reused(serve) -> N
     await client.close()
 
 
+@pytest.mark.parametrize("gaps, silent", [([0.1] * 8, False), ([0.1, 0.1, 0.6], True)],
+                         ids=["trickle-past-the-timeout", "a-gap-past-the-timeout"])
+async def test_a_stream_times_out_on_silence_not_on_length(serve, gaps, silent) -> None:  # type: ignore[no-untyped-def]
+    """The timeout of a stream is the longest silence between two reads: one that keeps
+    talking runs for longer than it, one that pauses past it is cut."""
+    async def handler(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _n: int) -> None:
+        head, *pieces, end = chunked(*(_data(str(i)) + b"\n\n" for i in range(len(gaps))),
+                                      b"data: [DONE]\n\n")
+        w.write(head)
+        for gap, piece in zip(gaps, pieces):
+            await asyncio.sleep(gap)
+            w.write(piece)
+        w.write(pieces[-1] + end)  # [DONE]
+
+    _, url = await serve(handler)
+    client = upstream(url, timeout_s=0.3)
+    got: list[str] = []
+    if silent:
+        with pytest.raises(UpstreamTimeout, match="silent"):
+            async for batch in client.stream(ASK):
+                got += [c["choices"][0]["delta"]["content"] for c in batch]
+        assert got == ["0", "1"]
+    else:
+        async for batch in client.stream(ASK):
+            got += [c["choices"][0]["delta"]["content"] for c in batch]
+        assert got == [str(i) for i in range(len(gaps))]
+    await client.close()
+
+
 async def test_a_cancelled_call_closes_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
     """An interrupted turn cancels its model call: the server must see the hang-up."""
     hung_up = asyncio.Event()

@@ -125,6 +125,9 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
+        #: The current wait's deadline, and one timer that checks it lazily (`_check_time`).
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -165,15 +168,30 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.close()
 
     async def _wait(self, deadline: float | None) -> None:
+        """Until the next event on the connection, or `TimeoutError` past `deadline`.
+
+        A timer is not set and cancelled for each wait (uvloop: 2.2 µs here, and a stream
+        waits once per network read): one stays armed, and when it fires it expires the
+        waiting call only if the deadline, which later waits move on, has passed; if not,
+        it is set again for the new deadline."""
         if self._error is not None:
             raise self._error
         loop = self.loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
+        self._deadline = deadline
+        if deadline is not None:
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._check_time)
         try:
             await waiter
         except TimeoutError:
@@ -181,10 +199,19 @@ class Connection(asyncio.Protocol):
             raise ResponseTimeout("timed out") from None
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         if self._error is not None:
             raise self._error
+
+    def _check_time(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        waiter = self._waiter
+        if deadline is None or waiter is None or waiter.done():
+            return  # no one waits: the next wait sets a timer of its own
+        if self.loop.time() >= deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self.loop.call_at(deadline, self._check_time)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -231,8 +258,3 @@ class Connection(asyncio.Protocol):
         self.complete = True
         self._keep_alive = self._parser.should_keep_alive()  # reset after this callback
         self._wake()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
