@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,11 +136,6 @@ def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
 def test_the_bench_model_paces_a_stream_one_event_per_write() -> None:
     """`p=MS` in the script: the reply's events come in writes of one each, MS apart (what
     `benchmarks.instructions --pace` measures); without it, in one write."""
-    import socket
-    import time
-
-    import orjson
-
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.upstream", "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -189,11 +189,12 @@ _BETWEEN = b"\n\ndata: "  # what separates two events as servers write them
 def _whole_events(data: bytes) -> tuple[list[dict[str, Any]], bool] | None:
     """The chunks of `data` in one parse (at least one), and whether it ends the stream, when
     `data` is whole events as servers write them: `data: {...}` lines, each followed by a
-    blank line, and perhaps `data: [DONE]`. None for anything else, an error chunk included: the caller then
-    goes line by line, which names the error. A JSON text holds no raw line end, so
-    `\n\ndata: ` only ever comes between events; made commas, they turn the events into one
-    JSON array. That array has one element per event unless an event is not one JSON value
-    (`{"a": [1` then `2]}` would make one): then the count differs, and the lines decide.
+    blank line, and perhaps `data: [DONE]`. None for anything else, an error chunk
+    included: the caller then goes line by line, which names the error. A JSON text holds
+    no raw line end, so `\n\ndata: ` only ever comes between events; made commas, they turn
+    the events into one JSON array. That array has one element per event unless an event
+    is not one JSON value (`{"a": [1` then `2]}` would make one): then the count differs,
+    and the lines decide.
     One parse of a read instead of a split and a parse per line: 50 K of a streamed turn's
     1.11 M instructions, for a reply of 11 chunks that come in one read (callgrind)."""
     if data[:7] != b"data: {" or data[-2:] != b"\n\n":
