@@ -4,6 +4,8 @@ the cached tail stays bounded, memory search is lexical."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -351,6 +353,25 @@ async def test_sqlite_write_transactions_roll_back_and_report_unavailable(tmp_pa
         assert conn.raw.execute(count).fetchone()[0] == 1
         assert not conn.raw.in_transaction
     await driver.close()
+
+
+async def test_sqlite_store_is_held_by_its_process_alone(tmp_path: Path) -> None:
+    """The store opens SQLite through `unix-excl` (no lock system calls per statement):
+    another process cannot read it while it is open, and can once it is closed."""
+    path = tmp_path / "db.sqlite"
+    script = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+              "print(c.execute('SELECT count(*) FROM sessions').fetchone()[0])")
+    read = [sys.executable, "-c", script, str(path)]
+    store = SqlStore(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.load(SessionRef("t", "default", "held"), fence=1, window_tokens=1000)
+        held = subprocess.run(read, capture_output=True, text=True, timeout=60)
+        assert held.returncode != 0 and "database is locked" in held.stderr, held
+    finally:
+        await store.close()
+    released = subprocess.run(read, capture_output=True, text=True, timeout=60)
+    assert released.returncode == 0 and released.stdout.strip() == "1", released
 
 
 async def test_sqlite_wal_is_checkpointed_in_the_background_and_truncated_at_close(

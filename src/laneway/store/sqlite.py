@@ -13,6 +13,13 @@ one transaction each. Writing the first at once spares a lone turn the two loop 
 of waiting for a group (40 µs of CPU per turn at concurrency 1). A turn still gets its
 answer only after its own write is durable, and the write of each stays conditional on
 its own fence.
+
+Both connections open the file through SQLite's `unix-excl` VFS: the process holds the
+database's lock for as long as it runs, and the WAL index lives in its memory instead of a
+shared `-shm` file. The default VFS takes and drops a `fcntl` lock in that file around every
+statement and transaction, 6.4 system calls per turn; `unix-excl` takes none. The price is
+that no other process can open the database while laneway has it open (they get
+"database is locked"), which one process owning its embedded store never needed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -100,7 +108,7 @@ class SqliteDriver:
                 upgrade(conn)
         finally:
             engine.dispose()
-        raw = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        raw = _connect(self.path, check_same_thread=False)
         for pragma in _PRAGMAS:
             raw.execute(f"PRAGMA {pragma}")
         self._conn = SqliteConn(raw)
@@ -229,6 +237,15 @@ class _Immediate:
             self.checkpointer.mark()
 
 
+def _connect(path: str, **options: Any) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are begun explicitly) through the
+    `unix-excl` VFS (see the module's docstring)."""
+    if path == ":memory:":
+        return sqlite3.connect(path, isolation_level=None, **options)
+    uri = f"file:{quote(path)}?vfs=unix-excl"
+    return sqlite3.connect(uri, isolation_level=None, uri=True, **options)
+
+
 def _unavailable(error: sqlite3.OperationalError) -> Unavailable:
     return Unavailable(f"the store (SQLite) cannot write: {error}", retry_after=1.0)
 
@@ -264,7 +281,7 @@ class _Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None)
+        conn = _connect(self._path)
         conn.execute("PRAGMA busy_timeout=10000")
         try:
             while not self._stopping.is_set():
