@@ -4,9 +4,11 @@ the cached tail stays bounded, memory search is lexical."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -353,6 +355,27 @@ async def test_sqlite_write_transactions_roll_back_and_report_unavailable(tmp_pa
         assert conn.raw.execute(count).fetchone()[0] == 1
         assert not conn.raw.in_transaction
     await driver.close()
+
+
+async def test_cached_transcripts_cost_about_their_size(store: SqlStore) -> None:
+    """A session's cached tail keeps each message's JSON at its own size. (orjson's `bytes`
+    keep a buffer of 4 KiB or more however short the JSON: cached for every message of 4,096
+    sessions, that grew the server by 10 KB a turn.)"""
+    ref = SessionRef("t", "default", "sizes")
+    state = await store.load(ref, fence=1, window_tokens=100_000)
+    await store.commit(state, _turn(0, "warm"), fence=1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(1, 101):
+            await store.commit(state, _turn(n, f"message {n}"), fence=1)
+        gc.collect()
+        per_message = (tracemalloc.get_traced_memory()[0] - before) / 200
+    finally:
+        tracemalloc.stop()
+    assert len(state.tail) == 202
+    assert per_message < 1024, f"{per_message:.0f} bytes kept per cached message"
 
 
 async def test_sqlite_store_is_held_by_its_process_alone(tmp_path: Path) -> None:

@@ -111,16 +111,15 @@ class SqlStore:
         assert state.id is not None, "commit a state that `load` returned"
         now = turn.finished_at
         added = len(turn.messages)
-        encoded = [orjson.dumps(m) for m in turn.messages]
         rows = [
             {
                 "session_id": state.id,
                 "seq": state.next_seq + i,
                 "turn_id": turn.id,
-                "data": data.decode(),
+                "data": orjson.dumps(m).decode(),
                 "tokens": estimate_message(m),
             }
-            for i, (m, data) in enumerate(zip(turn.messages, encoded))
+            for i, m in enumerate(turn.messages)
         ]
         owner = state.id if turn.memory_scope == "session" else None
         own_memories = bool(turn.memories) and owner is not None
@@ -144,7 +143,8 @@ class SqlStore:
         state.tail.extend(
             map(_for_model, turn.messages),
             (r["tokens"] for r in rows),
-            (None if "interrupted" in m else data for m, data in zip(turn.messages, encoded)),
+            # The row's `str`, not orjson's `bytes`: those keep a 4 KiB buffer however short.
+            (None if "interrupted" in m else r["data"] for m, r in zip(turn.messages, rows)),
         )
         state.next_seq += added
         if state.tail.tokens > 2 * state.window_tokens:

@@ -43,8 +43,8 @@ class Tail:
                 self._users.append(len(self.messages))
                 self._user_cum.append(self._cum[-1])
             self.messages.append(message)
-            if raw is None:
-                raw = orjson.dumps(message)
+            if raw is None:  # as `str`: orjson's `bytes` keep a buffer of 4 KiB or more
+                raw = orjson.dumps(message).decode()
             self.encoded.append(raw if isinstance(raw, orjson.Fragment) else orjson.Fragment(raw))
             self._cum.append(self._cum[-1] + n)
 
