@@ -152,7 +152,7 @@ def _check_local_model(settings: config.Settings) -> None:
 
 def _run(settings: config.Settings) -> None:
     from laneway.app import create_app
-    from laneway.http.server import serve
+    from laneway.http.server import HttpProtocol, serve
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -177,7 +177,7 @@ def _run(settings: config.Settings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=15,

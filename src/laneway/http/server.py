@@ -1,10 +1,16 @@
-"""uvicorn's server with a quieter idle loop.
+"""uvicorn's server with a quieter idle loop, and its HTTP protocol writing each reply whole.
 
 uvicorn's main loop wakes ten times a second to see whether a signal asked it to stop and,
 every tenth time, to refresh the `Date` header. On this kind of VM each wake-up of an idle
 process costs about 0.18 ms of CPU: 1.8 ms per second before any request arrives, and 0.09
 ms charged to every turn of a client that sends one request every 50 ms. Here the loop
 wakes once a second, for the `Date` header, and at once when a signal arrives.
+
+uvicorn writes a reply's head when the app starts the reply and its body when the app sends
+it: two `send` calls and two TCP segments for every JSON reply. `HttpProtocol` holds a head
+whose body has a declared length and writes it with that body, one call (about 7 µs of
+CPU less per reply on this kind of VM, measured on a loopback socket). Streams still get
+their head at once: a client waiting in a lane sees the 200 before the first token.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import asyncio
 import contextlib
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.main import STARTUP_FAILURE
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 TICK_S = 1.0
 
@@ -39,6 +47,52 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol; each request's reply goes out through `_WholeReply`."""
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope["method"] != "HEAD":  # HEAD: a head, no body
+            cycle.transport = _WholeReply(self.transport, cycle)  # type: ignore[assignment]
+
+
+class _WholeReply:
+    """The transport as one request's reply cycle sees it: a head of a reply with a
+    Content-Length is held, and written with the first piece of that body."""
+
+    __slots__ = ("_transport", "_cycle", "_head", "_started")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif not self._started and self._cycle.response_started:
+            self._started = True  # `data` is the head (anything earlier: "100 Continue")
+            cycle = self._cycle
+            if cycle.chunked_encoding is False and cycle.expected_content_length > 0:
+                self._head = data
+                return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:
+            self._transport.write(self._head)
+            self._head = None
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def serve(app: object, **options: object) -> None:
