@@ -4,6 +4,8 @@ uvicorn's own parser with a transport that records what is written."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -76,6 +78,21 @@ async def test_a_reply_with_a_length_goes_out_in_one_write() -> None:
     first, second = exchange.transport.writes
     assert first == second
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + BODY)
+
+
+async def test_a_finished_cycle_is_freed_without_the_collector() -> None:
+    """The view and its cycle do not keep each other alive: every request would otherwise
+    leave a reference loop for the collector to find."""
+    request = b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}"
+    gc.disable()
+    try:
+        exchange = Exchange(_reply)
+        await exchange.send(request)
+        first = weakref.ref(exchange.protocol.cycle)
+        await exchange.send(request)
+        assert first() is None
+    finally:
+        gc.enable()
 
 
 async def test_a_streamed_reply_sends_its_head_at_once() -> None:

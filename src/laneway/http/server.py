@@ -63,20 +63,19 @@ class _WholeReply:
     """The transport as one request's reply cycle sees it: a head of a reply with a
     Content-Length is held, and written with the first piece of that body."""
 
-    __slots__ = ("_transport", "_cycle", "_head", "_started")
+    __slots__ = ("_transport", "_cycle", "_head")
 
     def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
         self._transport = transport
-        self._cycle = cycle
+        #: Until the reply's head is written; then let go, or cycle and view keep each other.
+        self._cycle: RequestResponseCycle | None = cycle
         self._head: bytes | None = None
-        self._started = False
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             data, self._head = self._head + data, None
-        elif not self._started and self._cycle.response_started:
-            self._started = True  # `data` is the head (anything earlier: "100 Continue")
-            cycle = self._cycle
+        elif self._cycle is not None and self._cycle.response_started:
+            cycle, self._cycle = self._cycle, None  # `data` is the head ("100 Continue" is not)
             if cycle.chunked_encoding is False and cycle.expected_content_length > 0:
                 self._head = data
                 return
@@ -91,8 +90,8 @@ class _WholeReply:
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
 
 
 def serve(app: object, **options: object) -> None:
