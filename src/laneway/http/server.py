@@ -79,6 +79,7 @@ class _WholeReply:
             if cycle.chunked_encoding is False and cycle.expected_content_length > 0:
                 self._head = data
                 return
+            cycle.transport = self._transport  # a stream's chunks go straight out
         self._transport.write(data)
 
     def close(self) -> None:
