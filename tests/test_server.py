@@ -80,6 +80,15 @@ async def test_a_reply_with_a_length_goes_out_in_one_write() -> None:
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + BODY)
 
 
+async def test_pipelined_requests_get_whole_replies_in_order() -> None:
+    exchange = Exchange(_reply)
+    request = b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}"
+    exchange.protocol.data_received(request + request)
+    await exchange.until(lambda: len(exchange.transport.writes) == 2)
+    first, second = exchange.transport.writes
+    assert first == second and first.endswith(b"\r\n\r\n" + BODY)
+
+
 async def test_a_finished_cycle_is_freed_without_the_collector() -> None:
     """The view and its cycle do not keep each other alive: every request would otherwise
     leave a reference loop for the collector to find."""

@@ -53,9 +53,10 @@ class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol; each request's reply goes out through `_WholeReply`."""
 
     def on_headers_complete(self) -> None:
+        earlier = self.cycle
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.scope["method"] != "HEAD":  # HEAD: a head, no body
+        cycle = self.cycle  # the same as before for an upgrade: leave that one as it is
+        if cycle is not earlier and cycle.scope["method"] != "HEAD":  # HEAD: a head, no body
             cycle.transport = _WholeReply(self.transport, cycle)  # type: ignore[assignment]
 
 
