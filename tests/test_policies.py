@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import Gateway, StartGateway
+from conftest import Gateway, StartGateway, eventually
 from openai_schema import validate_chunk, validate_error
 from scripted_upstream import ScriptedUpstream
 
@@ -53,13 +53,6 @@ async def _session(gateway: Gateway, key: str, agent: str = "default") -> dict[s
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{gateway.base_url}/sessions/{key}?agent={agent}") as resp:
             return await resp.json()  # type: ignore[no-any-return]
-
-
-async def _until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def _users(messages: list[dict[str, Any]]) -> list[str]:
@@ -105,7 +98,7 @@ async def test_reject_when_busy_with_sdk_retries(
 
 async def test_interrupt_plain_turn(gateway: Gateway, upstream: ScriptedUpstream, conv: str) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=5] long job"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     started = time.monotonic()
     status, _, reply = await _post(gateway, _body(conv, "stop that, do this"), _h(conv, "interrupt"))
     assert status == 200
@@ -125,7 +118,7 @@ async def test_interrupt_streamed_turn_keeps_partial_reply(
 ) -> None:
     long = _body(conv, "[chunk_delay=0.4] tell me a long story please", stream=True)
     holder = asyncio.ensure_future(_stream_events(gateway, long, _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     await asyncio.sleep(0.6)  # a couple of chunks have been streamed
     client = gateway.client()
     stream = await client.chat.completions.create(
@@ -156,7 +149,7 @@ async def test_interrupt_between_tool_rounds_leaves_a_valid_conversation(
 ) -> None:
     text = '[delay=0.4] [call=memory_save {"text": "the sky is green here"}] note it'
     holder = asyncio.ensure_future(_post(gateway, _body(conv, text), _h(conv)))
-    await _until(lambda: _async(len(upstream.calls(conv)) == 2))  # the second round runs
+    await eventually(lambda: len(upstream.calls(conv)) == 2)  # the second round runs
     status, _, reply = await _post(gateway, _body(conv, "next"), _h(conv, "interrupt"))
     assert status == 200, reply
     assert (await holder)[0] == 409
@@ -177,7 +170,7 @@ async def test_collect_merges_into_one_follow_up_turn(
     gateway: Gateway, upstream: ScriptedUpstream, conv: str
 ) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.5] first"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     client = gateway.client()
 
     async def plain(text: str) -> tuple[str, str]:
@@ -214,7 +207,7 @@ async def test_collect_does_not_overtake_a_queued_request(
     gateway: Gateway, upstream: ScriptedUpstream, conv: str
 ) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.4] first"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     c1 = asyncio.ensure_future(_post(gateway, _body(conv, "c1"), _h(conv, "collect")))
     await asyncio.sleep(0.05)
     queued = asyncio.ensure_future(_post(gateway, _body(conv, "plain"), _h(conv)))
@@ -231,7 +224,7 @@ async def test_collect_does_not_overtake_a_queued_request(
 async def test_queue_full_and_queue_timeout(gateways: StartGateway, upstream: ScriptedUpstream, conv: str) -> None:
     gateway = gateways("--upstream", upstream.url, "--max-queue-depth", "1", "--max-queue-wait-s", "0.4")
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.8] first"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     waiting = asyncio.ensure_future(_post(gateway, _body(conv, "waits too long"), _h(conv)))
     await asyncio.sleep(0.05)
     status, headers, error = await _post(gateway, _body(conv, "no room"), _h(conv))
@@ -328,7 +321,7 @@ async def test_rejoin_a_turn_after_losing_the_stream(gateway: Gateway, upstream:
 
 async def test_rejoin_shows_a_running_turn(gateway: Gateway, upstream: ScriptedUpstream, conv: str) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.5] slow"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.base_url + "/lanes") as r:
             lanes = [lane for lane in (await r.json())["data"] if lane["session_key"] == conv]
@@ -351,13 +344,13 @@ async def test_on_disconnect_cancel_interrupts(gateways: StartGateway, upstream:
         resp = await http.post(gateway.base_url + CHAT, json=body, headers=_h(conv))
         await resp.content.readline()  # the role chunk
         resp.close()
-    await _until(lambda: _async(upstream.calls(conv)[0].ended is not None))
+    await eventually(lambda: upstream.calls(conv)[0].ended is not None)
     assert upstream.calls(conv)[0].status == 0, "the model call was aborted"
 
     async def saved() -> bool:
         return (await _session(gateway, conv, "strict")).get("turns") == 1
 
-    await _until(saved)
+    await eventually(saved)
     messages = (await _session(gateway, conv, "strict"))["messages"]
     assert messages[0]["role"] == "user"
     assert all(m.get("interrupted") for m in messages[1:])
@@ -387,7 +380,7 @@ async def test_isolated_override_runs_beside_a_busy_lane(
     gateway: Gateway, upstream: ScriptedUpstream, conv: str
 ) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.5] first"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     started = time.monotonic()
     status, headers, reply = await _post(
         gateway, _body(conv, "aside"), _h(conv, **{"x-laneway-session-override": "isolated"})
@@ -401,7 +394,7 @@ async def test_isolated_override_runs_beside_a_busy_lane(
 
 async def test_outcome_metrics(gateway: Gateway, upstream: ScriptedUpstream, conv: str) -> None:
     holder = asyncio.ensure_future(_post(gateway, _body(conv, "[delay=0.3] a"), _h(conv)))
-    await _until(lambda: _async(bool(upstream.calls(conv))))
+    await eventually(lambda: bool(upstream.calls(conv)))
     assert (await _post(gateway, _body(conv, "b"), _h(conv, "reject")))[0] == 409
     await holder
     for _ in range(2):
@@ -412,7 +405,3 @@ async def test_outcome_metrics(gateway: Gateway, upstream: ScriptedUpstream, con
     for outcome in ("ok", "rejected", "deduplicated"):
         assert f'laneway_turns_total{{outcome="{outcome}"}}' in text, outcome
     assert "laneway_queue_depth" in text and "laneway_upstream_seconds_bucket" in text
-
-
-async def _async(value: bool) -> bool:
-    return value

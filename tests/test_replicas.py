@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from conftest import Gateway, StartGateway, postgres_database
+from conftest import Gateway, StartGateway, eventually, postgres_database
 from scripted_upstream import ScriptedUpstream
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -55,13 +55,6 @@ def _seen(reply: dict[str, Any]) -> list[str]:
     return str(reply["choices"][0]["message"]["content"]).split(" :: SEEN ", 1)[1].split(" | ")
 
 
-async def _until_called(upstream: ScriptedUpstream, conv: str) -> None:
-    deadline = time.monotonic() + 5
-    while not upstream.calls(conv):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-
-
 async def test_seed_race_across_replicas(cluster: list[Gateway], upstream: ScriptedUpstream) -> None:
     for _ in range(REPEATS):
         conv = uuid.uuid4().hex[:12]
@@ -85,7 +78,7 @@ async def test_reject_and_interrupt_see_another_replicas_turn(
 ) -> None:
     headers = {"x-laneway-session-key": conv}
     holder = asyncio.ensure_future(_post(cluster[0], _body(conv, "[delay=5] long"), headers))
-    await _until_called(upstream, conv)
+    await eventually(lambda: bool(upstream.calls(conv)))
     status, _, error = await _post(cluster[1], _body(conv, "no"), {**headers, "x-laneway-lane-policy": "reject"})
     assert status == 409 and error["error"]["code"] == "session_busy"
     started = time.monotonic()
@@ -124,7 +117,7 @@ async def test_rejoin_on_another_replica(cluster: list[Gateway], upstream: Scrip
 async def test_queue_spans_replicas_in_order(cluster: list[Gateway], upstream: ScriptedUpstream, conv: str) -> None:
     headers = {"x-laneway-session-key": conv}
     holder = asyncio.ensure_future(_post(cluster[0], _body(conv, "[delay=0.4] first"), headers))
-    await _until_called(upstream, conv)
+    await eventually(lambda: bool(upstream.calls(conv)))
     later = []
     for i in range(4):
         later.append(asyncio.ensure_future(_post(cluster[(i + 1) % 3], _body(conv, f"q{i}"), headers)))
@@ -142,7 +135,7 @@ async def test_collect_across_replicas_loses_nothing(cluster: list[Gateway], ups
     headers = {"x-laneway-session-key": conv}
     collect = {**headers, "x-laneway-lane-policy": "collect"}
     holder = asyncio.ensure_future(_post(cluster[0], _body(conv, "[delay=0.4] first"), headers))
-    await _until_called(upstream, conv)
+    await eventually(lambda: bool(upstream.calls(conv)))
     a = asyncio.ensure_future(_post(cluster[1], _body(conv, "a"), collect))
     await asyncio.sleep(0.05)
     b = asyncio.ensure_future(_post(cluster[1], _body(conv, "b"), collect))

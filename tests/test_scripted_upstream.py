@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -18,6 +17,7 @@ import orjson
 import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
+from conftest import eventually
 from scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.timeout(30)  # async tests rely on the repo's asyncio_mode = auto
@@ -59,14 +59,6 @@ def sse(raw: bytes) -> list[Any]:
     lines = [ln[6:] for ln in raw.decode().split("\n\n") if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [orjson.loads(x) for x in lines[:-1]]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    """The server notices a disconnect asynchronously, so poll briefly."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_models(client: AsyncOpenAI) -> None:
@@ -252,7 +244,7 @@ async def test_concurrency_counting(client: AsyncOpenAI, upstream: ScriptedUpstr
         )
 
     task = asyncio.gather(ask("same"), ask("same"), ask("solo1"), ask("solo2"))
-    await wait_for(lambda: upstream.in_flight() >= 4)
+    await eventually(lambda: upstream.in_flight() >= 4)
     await task
     assert upstream.max_concurrency("same") == 2
     assert (upstream.max_concurrency("solo1"), upstream.max_concurrency("solo2")) == (1, 1)
@@ -273,10 +265,10 @@ async def test_concurrency_without_abandoned_calls(upstream: ScriptedUpstream) -
 
     async with aiohttp.ClientSession() as http:
         abandoned = asyncio.ensure_future(post(http, "[delay=5]"))
-        await wait_for(lambda: upstream.in_flight() == 1)
+        await eventually(lambda: upstream.in_flight() == 1)
         assert await post(http, "meanwhile") == 200
         abandoned.cancel()
-    await wait_for(lambda: upstream.in_flight() == 0)
+    await eventually(lambda: upstream.in_flight() == 0)
     assert sorted(c.status for c in upstream.calls("cut")) == [0, 200]
     assert upstream.max_concurrency("cut") == 2
     assert upstream.max_concurrency("cut", abandoned=False) == 1
@@ -299,10 +291,10 @@ async def test_disconnect_counted(upstream: ScriptedUpstream, conv: str, directi
             await c.chat.completions.create(
                 model="m", messages=[user(f"[conv={conv}] {directive}")]
             )
-    await wait_for(lambda: upstream.disconnects() == before + 1)
+    await eventually(lambda: upstream.disconnects() == before + 1)
     [call] = upstream.calls(conv)
     assert call.status == 0 and call.ended is not None
-    await wait_for(lambda: upstream.in_flight() == 0)
+    await eventually(lambda: upstream.in_flight() == 0)
 
 
 async def test_disconnect_mid_stream(client: AsyncOpenAI, upstream: ScriptedUpstream) -> None:
@@ -313,7 +305,7 @@ async def test_disconnect_mid_stream(client: AsyncOpenAI, upstream: ScriptedUpst
     async for _ in stream:
         break
     await stream.close()
-    await wait_for(lambda: upstream.disconnects() == before + 1)
+    await eventually(lambda: upstream.disconnects() == before + 1)
     assert upstream.calls("midstream")[0].status == 0
 
 
