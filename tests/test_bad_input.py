@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from conftest import Gateway, StartGateway
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from openai_schema import validate_error
 from scripted_upstream import ScriptedUpstream
+
+from laneway.config import load as load_settings
+from laneway.errors import LanewayError
+from laneway.http.chat import parse_chat
 
 USER = {"role": "user", "content": "hi"}
 
@@ -123,15 +131,6 @@ async def test_wrong_method_is_openai_shaped(gateway: Gateway) -> None:
 
 
 # -- any JSON at all: a 4xx or a request, never a crash ------------------------------------
-
-import json  # noqa: E402
-
-from hypothesis import given, settings as hsettings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from laneway.config import load as load_settings  # noqa: E402
-from laneway.errors import LanewayError  # noqa: E402
-from laneway.http.chat import parse_chat  # noqa: E402
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -126,7 +126,7 @@ async def _load(cluster: Cluster, run: str, outcomes: list[Outcome], stop_at: fl
             except aiohttp.ClientConnectorError:
                 outcome.refused = True  # never reached a server: nothing happened
                 await asyncio.sleep(0.05)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             outcome.done = time.monotonic()
 

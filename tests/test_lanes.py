@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio
-
 import pytest
+import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

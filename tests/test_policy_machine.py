@@ -66,7 +66,7 @@ async def _send(world: World, sent: Sent) -> tuple[int, str | None, str | None]:
         async with world.http.post(world.gateway.base_url + "/chat/completions", json=body,
                                    headers=headers, timeout=timeout) as resp:
             raw = await resp.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return 0, "gave_up", None
     if resp.status != 200:
         return resp.status, orjson.loads(raw)["error"]["code"], None

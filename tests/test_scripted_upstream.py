@@ -15,9 +15,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from conftest import eventually
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
-from conftest import eventually
 from scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.timeout(30)  # async tests rely on the repo's asyncio_mode = auto

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from conftest import postgres_database
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from laneway.store.base import MemoryScope, SessionRef, StaleFence, TurnRecord
 from laneway.store.schema import metadata

@@ -42,7 +42,7 @@ class Buckets:
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         cumulative = list(accumulate(self.counts))
-        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        les = [*map(floatToGoString, self.bounds), "+Inf"]
         family = HistogramMetricFamily(name, documentation)
         family.add_metric([], list(zip(les, cumulative)), sum_value=self.total)
         return family

@@ -39,9 +39,16 @@ from laneway.errors import (
 )
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
-from laneway.store.base import Memory, MemoryScope, SessionRef, SessionState, StaleFence, Store
-from laneway.store.base import TurnRecord
 from laneway.repeats import Repeats
+from laneway.store.base import (
+    Memory,
+    MemoryScope,
+    SessionRef,
+    SessionState,
+    StaleFence,
+    Store,
+    TurnRecord,
+)
 from laneway.turn import Turn, new_turn_id
 from laneway.upstream.base import Upstream
 

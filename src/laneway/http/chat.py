@@ -27,7 +27,7 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
 _POLICIES = frozenset({"enqueue", "reject", "interrupt", "collect"})
 #: Passed to the model as given, after a type check: (types, low, high).
-_NUMBERS: dict[str, tuple[tuple[type, ...], float, float]] = {
+_NUMBERS: dict[str, tuple[tuple[type[int | float], ...], float, float]] = {
     "temperature": ((int, float), 0, 2),
     "top_p": ((int, float), 0, 1),
     "presence_penalty": ((int, float), -2, 2),
@@ -172,8 +172,8 @@ def _check_tool_calls(calls: Any, where: str) -> None:
         function = call.get("function") if isinstance(call, dict) else None
         if not (
             isinstance(function, dict)
-            and isinstance(call.get("id"), str)  # type: ignore[union-attr]
-            and call.get("type") == "function"  # type: ignore[union-attr]
+            and isinstance(call.get("id"), str)
+            and call.get("type") == "function"
             and isinstance(function.get("name"), str)
             and isinstance(function.get("arguments"), str)
         ):
@@ -223,7 +223,7 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or tool.get("type") != "function":  # type: ignore[union-attr]
+        if not isinstance(name, str) or tool.get("type") != "function":
             raise BadRequest(
                 f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
                 param=f"tools[{i}]",

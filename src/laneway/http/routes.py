@@ -24,17 +24,16 @@ from laneway.errors import (
     Unavailable,
 )
 from laneway.http import openapi
-from laneway.http.errors import error_response
-from laneway.http.replies import JSON, Reply, read_body
 from laneway.http.auth import Auth, Caller, RateLimiter
 from laneway.http.chat import check_session_key, parse_chat
+from laneway.http.errors import error_response
+from laneway.http.replies import JSON, Reply, read_body
 from laneway.http.sse import TurnStream, disconnected, either
 from laneway.lanes.base import LaneBackend
 from laneway.metrics import Metrics
 from laneway.service import TurnService, lane_key
 from laneway.store.base import MemoryScope, SessionRef, Store
 from laneway.turn import Turn
-
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +96,13 @@ class Api:
             response = error_response(LanewayError("internal error"))
         await response(scope, receive, send)
 
-    async def chat_route(self, request: Request) -> Response | TurnStream:
+    async def chat_route(self, request: Request) -> Response | Reply | TurnStream:
         """The router's entry (the app sends POSTs to `chat_asgi` before routing)."""
         return await self.chat_completions(request.scope, request.receive)
 
-    async def chat_completions(self, scope: Scope, receive: Receive) -> Response | TurnStream:
+    async def chat_completions(
+        self, scope: Scope, receive: Receive
+    ) -> Response | Reply | TurnStream:
         # Lower-case names (ASGI); the first of repeated headers wins, as in Starlette.
         request_headers = {
             name.decode("latin-1"): value.decode("latin-1")

@@ -22,10 +22,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.main import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 TICK_S = 1.0
+STARTUP_FAILURE = 3  # uvicorn's exit status when the server cannot start
 
 
 class Server(uvicorn.Server):

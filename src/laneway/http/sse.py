@@ -96,8 +96,9 @@ class TurnStream:
                 position = await self.turn.position()
                 await _write(send, b": queued position=%d\n\n" % position)
                 assert gone is not None, "a queued turn is watched"
+                watched: set[asyncio.Future[Any]] = {first, gone}
                 done, _ = await asyncio.wait(
-                    {first, gone}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
+                    watched, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 if first in done:
                     return first.result()

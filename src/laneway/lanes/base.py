@@ -22,8 +22,8 @@ Guarantees, identical in every backend:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 

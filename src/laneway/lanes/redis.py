@@ -338,7 +338,7 @@ class RedisLanes:
         holder = await self._call(self._redis.get(self._h(key)))
         if holder is None:
             return False
-        ticket = holder.split("|", 1)[0]
+        ticket = str(holder).split("|", 1)[0]
         replica = ticket.split(":", 1)[0]
         await self._call(self._redis.publish(f"{self.prefix}r:{replica}", f"interrupt|{ticket}"))
         return True
@@ -360,7 +360,7 @@ class RedisLanes:
         current = await self._call(self._redis.get(self._c(name)))
         if current is None:
             return None
-        replica, _, turn_id = current.partition("|")
+        replica, _, turn_id = str(current).partition("|")
         alive = await self._call(self._redis.exists(f"{self.prefix}alive:{replica}"))
         return turn_id if alive else None
 

@@ -43,7 +43,11 @@ class Conn(Protocol):
 
 
 class Driver(Protocol):
-    dialect: Dialect
+    @property
+    def dialect(self) -> Dialect:
+        """What statements are compiled for. (Read-only, so that a driver may declare its
+        own dialect's class.)"""
+        ...
 
     async def open(self) -> None:
         """Connect and run the migrations."""

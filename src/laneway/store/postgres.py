@@ -116,7 +116,7 @@ class PostgresConn:
 
 
 class PostgresDriver:
-    dialect = asyncpg_dialect.dialect()
+    dialect = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 
     def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.dsn = "postgresql://" + url.split("://", 1)[1]

@@ -25,9 +25,9 @@ from laneway.store.base import (
     StaleFence,
     TurnRecord,
 )
-from laneway.store.tail import Tail
 from laneway.store.driver import Conn, Driver, Row, TurnWrite
 from laneway.store.statements import Statements
+from laneway.store.tail import Tail
 from laneway.tokens import estimate_message
 
 _WORD = re.compile(r"[^\W_]+")
@@ -111,7 +111,7 @@ class SqlStore:
         assert state.id is not None, "commit a state that `load` returned"
         now = turn.finished_at
         added = len(turn.messages)
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "session_id": state.id,
                 "seq": state.next_seq + i,

@@ -164,11 +164,11 @@ class SqliteDriver:
                 return
         for sql, write, future in batch:
             try:
-                stale = self._write_all([(sql, write)])[0]
+                one_stale = self._write_all([(sql, write)])[0]
             except Exception as e:
                 _settle(future, e)
             else:
-                _settle(future, _stale() if stale else None)
+                _settle(future, _stale() if one_stale else None)
 
     def _write_all(self, writes: list[tuple[Statements, TurnWrite]]) -> list[bool]:
         """One transaction; a write whose session no longer carries its fence writes
@@ -241,9 +241,11 @@ def _connect(path: str, **options: Any) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are begun explicitly) through the
     `unix-excl` VFS (see the module's docstring)."""
     if path == ":memory:":
-        return sqlite3.connect(path, isolation_level=None, **options)
-    uri = f"file:{quote(path)}?vfs=unix-excl"
-    return sqlite3.connect(uri, isolation_level=None, uri=True, **options)
+        conn: sqlite3.Connection = sqlite3.connect(path, isolation_level=None, **options)
+    else:
+        uri = f"file:{quote(path)}?vfs=unix-excl"
+        conn = sqlite3.connect(uri, isolation_level=None, uri=True, **options)
+    return conn
 
 
 def _unavailable(error: sqlite3.OperationalError) -> Unavailable:

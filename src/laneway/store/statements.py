@@ -35,11 +35,14 @@ class Sql:
 
     def __post_init__(self) -> None:
         # One C call per statement instead of a generator step per parameter.
+        pick: Callable[[dict[str, Any]], tuple[Any, ...]]
         if not self.names:
-            pick: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda _params: ()
+            pick = _no_args
         elif len(self.names) == 1:
             name = self.names[0]
-            pick = lambda params: (params[name],)  # noqa: E731
+
+            def pick(params: dict[str, Any]) -> tuple[Any, ...]:
+                return (params[name],)
         else:
             pick = itemgetter(*self.names)
         object.__setattr__(self, "_pick", pick)
@@ -52,7 +55,7 @@ class Sql:
 
 def compile_sql(stmt: ClauseElement, dialect: Dialect) -> Sql:
     compiled = stmt.compile(dialect=dialect)
-    names = tuple(compiled.positiontup or ())
+    names = tuple(getattr(compiled, "positiontup", None) or ())
     if dialect.paramstyle == "numeric_dollar":  # $n may repeat; bind each name once
         names = tuple(dict.fromkeys(names))
     defaults = {k: v for k, v in compiled.params.items() if v is not None or k not in names}
@@ -178,3 +181,7 @@ class Statements:
             .limit(_p("limit"))
         )
         self.ping = c(select(func.count()).select_from(_s).where(_s.c.id == -1))
+
+
+def _no_args(_params: dict[str, Any]) -> tuple[Any, ...]:
+    return ()

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 
 from laneway.errors import ContextTooLong
 
-Message = dict  # type: ignore[type-arg]
+Message = dict[str, Any]
 
 
 class Tail:

@@ -160,7 +160,8 @@ class HttpUpstream:
         self._origin.close()
 
 
-_END: Any = object()
+#: `_event`'s answer to `data: [DONE]`: compared by identity, never read.
+_END: dict[str, Any] = {}
 
 
 def _event(line: bytes) -> dict[str, Any]:
