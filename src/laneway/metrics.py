@@ -24,6 +24,9 @@ from prometheus_client.utils import floatToGoString
 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: A store call: tens of µs on SQLite, a round trip or two on PostgreSQL.
+_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                  1, 5)
 
 
 class Buckets:
@@ -41,11 +44,14 @@ class Buckets:
         self.total += value
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation)
+        self.add_to(family, [])
+        return family
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         cumulative = list(accumulate(self.counts))
         les = [*map(floatToGoString, self.bounds), "+Inf"]
-        family = HistogramMetricFamily(name, documentation)
-        family.add_metric([], list(zip(les, cumulative)), sum_value=self.total)
-        return family
+        family.add_metric(labels, list(zip(les, cumulative)), sum_value=self.total)
 
 
 class Metrics:
@@ -56,6 +62,10 @@ class Metrics:
         self.queue_wait = Buckets(_WAIT_BUCKETS)
         self.turn_seconds = Buckets(_LATENCY_BUCKETS)
         self.upstream_seconds = Buckets(_LATENCY_BUCKETS)
+        #: A turn's two store calls: reading (and, with several replicas, claiming) its
+        #: session, and its fenced write; their wait is most of what PostgreSQL adds.
+        self.store_load = Buckets(_STORE_BUCKETS)
+        self.store_commit = Buckets(_STORE_BUCKETS)
         #: Set just before each scrape, from the lanes.
         self.queue_depth = 0
         self.active_lanes = 0
@@ -74,6 +84,11 @@ class Metrics:
                                      "Time a turn waited for its lane")
         yield self.turn_seconds.family("laneway_turn_seconds", "Time a turn held its lane")
         yield self.upstream_seconds.family("laneway_upstream_seconds", "Model calls' latency")
+        store = HistogramMetricFamily("laneway_store_seconds", "A turn's store calls' latency",
+                                      labels=["op"])
+        self.store_load.add_to(store, ["load"])
+        self.store_commit.add_to(store, ["commit"])
+        yield store
         yield GaugeMetricFamily("laneway_queue_depth", "Requests waiting for a lane",
                                 value=self.queue_depth)
         yield GaugeMetricFamily("laneway_active_lanes", "Lanes with a running or waiting turn",

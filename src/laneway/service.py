@@ -306,7 +306,9 @@ class TurnService:
         agent = req.agent
         assert turn.ticket is not None
         inp = self._inputs[turn.id]
+        loading = time.perf_counter()
         state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
+        self.metrics.store_load.observe(time.perf_counter() - loading)
         tools = self._tool_context(state, agent, turn.ticket.key)
         memories = await self._recall(tools.scope, inp, agent, state)
         loop = AgentLoop(agent, self.upstreams[agent.name], state, inp)
@@ -402,10 +404,13 @@ class TurnService:
             idempotency_key=req.idempotency_key,
             memory_scope=req.agent.memory_scope,
         )
+        writing = time.perf_counter()
         try:
             await self.store.commit(state, record, turn.ticket.fence)
         except StaleFence:
             raise Unavailable("this turn lost its lane before it could be saved") from None
+        finally:
+            self.metrics.store_commit.observe(time.perf_counter() - writing)
 
     def _completion(self, turn: Turn, output: TurnOutput) -> dict[str, Any]:
         return {
