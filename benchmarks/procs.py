@@ -96,6 +96,24 @@ class Procs:
             self.stop(proc)
 
 
+def store_seconds(url: str) -> dict[str, tuple[float, float]] | None:
+    """laneway's `laneway_store_seconds` at `url` (its /metrics): op -> (count, sum), or
+    None when the server has no such metric (a build from before it)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    found: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for part, i in (("laneway_store_seconds_count{", 0), ("laneway_store_seconds_sum{", 1)):
+            if line.startswith(part):
+                labels, value = line[len(part):].rsplit(" ", 1)
+                op = labels.split('op="', 1)[1].split('"', 1)[0]
+                found.setdefault(op, [0.0, 0.0])[i] = float(value)
+    return {op: (c, s) for op, (c, s) in found.items()} or None
+
+
 def wait_http(proc: Proc, url: str, timeout_s: float = 60.0) -> None:
     """Until GET `url` answers 200; raises with the process's output if it dies first."""
     deadline = time.monotonic() + timeout_s

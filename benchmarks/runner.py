@@ -29,7 +29,7 @@ import orjson
 
 from benchmarks import phases
 from benchmarks.loadgen import Job
-from benchmarks.procs import Proc, Procs, cpu_seconds, cpu_ticks_seconds
+from benchmarks.procs import Proc, Procs, cpu_seconds, cpu_ticks_seconds, store_seconds
 from benchmarks.targets import ALL, Launcher, Server
 
 PHASES = ("matrix", "handoff", "history", "stored", "rss")
@@ -320,6 +320,7 @@ class Bench:
         """`run()`'s results, each with the CPU its server spent (once the work the run left
         behind is done: `Server.settle_s`) and its share of the upstream's."""
         assert self.upstream is not None
+        stores_before = [_store(server) for server in servers]  # read outside the CPU window
         pids = [server.proc.pid if server.proc else None for server in servers]
         before = [(cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
                   for pid in pids]
@@ -332,6 +333,8 @@ class Bench:
         after = [(cpu_seconds(pid), cpu_ticks_seconds(pid)) if pid else (0.0, 0.0)
                  for pid in pids]
         upstream_cpu = cpu_seconds(self.upstream.pid) - upstream_before
+        for result, server, b_store in zip(results, servers, stores_before):
+            result.update(_store_ms(b_store, _store(server)))
         calls = max(1, sum(result["ok"] for result in results))
         for result, b, a, service in zip(results, before, after, services):
             ok = max(1, result["ok"])
@@ -392,6 +395,24 @@ class Bench:
             if name != "direct":
                 self.launcher.stop(server)
         self.servers = {"direct": self.launcher.direct()}
+
+
+def _store(server: Server) -> dict[str, tuple[float, float]] | None:
+    return store_seconds(server.base + server.metrics_path) if server.metrics_path else None
+
+
+def _store_ms(before: dict[str, tuple[float, float]] | None,
+              after: dict[str, tuple[float, float]] | None) -> dict[str, float]:
+    """The mean latency of each store call over a run (`store_load_ms`,
+    `store_commit_ms`), from laneway's counters before and after it."""
+    if not before or not after:
+        return {}
+    out = {}
+    for op, (count, total) in after.items():
+        b_count, b_total = before.get(op, (0.0, 0.0))
+        if count > b_count:
+            out[f"store_{op}_ms"] = (total - b_total) * 1000 / (count - b_count)
+    return out
 
 
 def _last_line(text: str) -> str:

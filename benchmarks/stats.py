@@ -37,6 +37,9 @@ def _cells(matrix: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]
             figures: dict[str, Any] = {k: median([r[k] for r in runs]) for k in
                        ("p50_ms", "p99_ms", "rps", "ttft_p50_ms", "cpu_ms_per_turn",
                         "upstream_cpu_ms_per_call", "services_cpu_ms_per_turn")}
+            for key in ("store_load_ms", "store_commit_ms"):
+                if all(key in r for r in runs):
+                    figures[key] = median([r[key] for r in runs])
             figures["errors"] = sum(r["errors"] for r in runs)
             figures["first_error"] = next((r["first_error"] for r in runs if r["errors"]), "")
             if target != "direct":
@@ -177,6 +180,13 @@ def main_rows(result: dict[str, Any]) -> tuple[list[str], Rows]:
     row("PostgreSQL + Redis CPU ms / turn, c32 · 50 ms",
         lambda t, s: f"{cell('c32-d50')(t, s)['services_cpu_ms_per_turn']:.2f}"
         if t == "laneway-pg-redis" and cell("c32-d50")(t, s) else "")
+    for name, label in (("c1-d0", "c1 · 0 ms"), ("c32-d50", "c32 · 50 ms")):
+        def store(t: str, s: dict[str, Any], name: str = name) -> str:
+            c = s.get("cells", {}).get(name) or {}
+            if "store_load_ms" not in c or "store_commit_ms" not in c:
+                return ""
+            return f"{c['store_load_ms']:.2f} / {c['store_commit_ms']:.2f}"
+        row(f"store load / commit ms (mean), {label}", store)
     for name, label in _LATENCY:
         def latency(t: str, s: dict[str, Any], name: str = name) -> str:
             c = s.get("cells", {}).get(name)

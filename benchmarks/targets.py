@@ -45,6 +45,8 @@ class Server:
     #: behind to be done and counted with it: embedded laneway checkpoints its SQLite WAL on
     #: a thread, at most a second after the last commit.
     settle_s: float = 0.0
+    #: Where laneway's Prometheus metrics are: a run reads its store calls' latency there.
+    metrics_path: str | None = None
 
     @property
     def chat_url(self) -> str:
@@ -119,7 +121,7 @@ class Launcher:
         src = src or self.laneway_src
         proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(src)} if src else {})
         server = Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz",
-                        settle_s=CHECKPOINT_S)
+                        settle_s=CHECKPOINT_S, metrics_path="/metrics")
         return self._ready(server)
 
     def stop(self, server: Server) -> None:

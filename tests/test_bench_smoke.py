@@ -66,6 +66,14 @@ def test_latency_matrix_is_complete(result: dict[str, Any]) -> None:
             assert positive(s["cpu_ms_per_turn"])
 
 
+def test_laneway_runs_report_their_store_calls(result: dict[str, Any]) -> None:
+    """From laneway's own /metrics, read around each run: the mean latency of a turn's
+    session load and its write. The floor has no store."""
+    for name, c in result["summary"]["laneway"]["cells"].items():
+        assert positive(c["store_load_ms"]) and positive(c["store_commit_ms"]), name
+    assert "store_load_ms" not in result["summary"]["bare"]["cells"]["c1-d0"]
+
+
 def test_handoff_history_store_and_memory(result: dict[str, Any]) -> None:
     assert positive(result["summary"]["laneway"]["handoff"]["gap_p50_ms"])
     assert positive(result["summary"]["direct"]["handoff"]["gap_p50_ms"])
