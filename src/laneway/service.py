@@ -307,8 +307,10 @@ class TurnService:
         assert turn.ticket is not None
         inp = self._inputs[turn.id]
         loading = time.perf_counter()
-        state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
-        self.metrics.store_load.observe(time.perf_counter() - loading)
+        try:
+            state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
+        finally:  # a failed call too: an operator looks here when the store is slow or down
+            self.metrics.store_load.observe(time.perf_counter() - loading)
         tools = self._tool_context(state, agent, turn.ticket.key)
         memories = await self._recall(tools.scope, inp, agent, state)
         loop = AgentLoop(agent, self.upstreams[agent.name], state, inp)
