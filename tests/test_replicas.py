@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import redis
-from conftest import Gateway, StartGateway, eventually, postgres_database
+from conftest import POSTGRES_ADMIN, Gateway, StartGateway, eventually, postgres_database
 from scripted_upstream import ScriptedUpstream
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -145,3 +146,30 @@ async def test_collect_across_replicas_loses_nothing(cluster: list[Gateway], ups
     assert ra[2]["id"] == rb[2]["id"], "a and b (same replica) were merged"
     assert _seen(rc[2]) == ["first", "a", "b", "c"]
     assert upstream.max_concurrency(conv) == 1
+
+
+async def test_store_pool_size_bounds_postgres_connections(
+    gateways: StartGateway, upstream: ScriptedUpstream
+) -> None:
+    """`LANEWAY_STORE_POOL_SIZE` (`--store-pool-size`) is the most connections a replica
+    opens, however many turns run at once; turns beyond it wait for one, they do not fail."""
+    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
+    with postgres_database() as db:
+        gateway = gateways("--upstream", upstream.url, "--store", db,
+                           "--lanes", f"{REDIS}?prefix={prefix}",
+                           env={"LANEWAY_STORE_POOL_SIZE": "2"})
+        try:
+            convs = [uuid.uuid4().hex[:12] for _ in range(16)]
+            replies = await asyncio.gather(*[
+                _post(gateway, _body(conv, "[delay=0.05] hi"), {"x-laneway-session-key": conv})
+                for conv in convs
+            ])
+            assert [status for status, _, _ in replies] == [200] * 16
+            name = db.rsplit("/", 1)[1]
+            admin = await asyncpg.connect(POSTGRES_ADMIN)
+            opened = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name)
+            await admin.close()
+            assert 1 <= opened <= 2, opened
+        finally:
+            gateway.stop()

@@ -64,7 +64,8 @@ async def _lifespan(api: Api, settings: Settings) -> AsyncIterator[None]:
         max_wait = max(a.max_queue_wait_s for a in settings.agents.values())
         lanes = await open_lanes(settings.lanes, lease_s=settings.lane_lease_s, max_wait_s=max_wait)
         stack.push_async_callback(lanes.close)
-        store = await open_store(settings.store_url, exclusive=settings.lanes == "local")
+        store = await open_store(settings.store_url, exclusive=settings.lanes == "local",
+                                 pool_size=settings.store_pool_size)
         stack.push_async_callback(store.close)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         stack.push_async_callback(http.close)

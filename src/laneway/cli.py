@@ -44,6 +44,9 @@ def serve(
     store: Annotated[
         str | None, _opt("store", "sqlite:///PATH or postgresql://... (default: SQLite).")
     ] = None,
+    store_pool_size: Annotated[
+        int | None, _opt("store-pool-size", "PostgreSQL connections per replica (8).")
+    ] = None,
     lanes: Annotated[str | None, _opt("lanes", "'local' or redis://HOST:PORT/DB.")] = None,
     lane_lease_s: Annotated[
         float | None, _opt("lane-lease-s", "Redis lanes: lease of a lane holder (10).")
@@ -109,6 +112,7 @@ def serve(
                 "upstream_model": upstream_model,
                 "upstream_api_key": upstream_api_key,
                 "store": store,
+                "store_pool_size": store_pool_size,
                 "lanes": lanes,
                 "lane_lease_s": lane_lease_s,
                 "api_keys": api_key,

@@ -7,10 +7,11 @@ from laneway.store.base import SessionRef, SessionState, StaleFence, Store, Turn
 __all__ = ["SessionRef", "SessionState", "StaleFence", "Store", "TurnRecord", "open_store"]
 
 
-async def open_store(url: str, *, exclusive: bool) -> Store:
-    """`exclusive` says this process is the only writer (in-process lanes)."""
+async def open_store(url: str, *, exclusive: bool, pool_size: int | None = None) -> Store:
+    """`exclusive` says this process is the only writer (in-process lanes); `pool_size`
+    bounds a PostgreSQL store's connections (None: the driver's default)."""
     from laneway.store.sql import SqlStore
 
-    store = SqlStore(url, exclusive=exclusive)
+    store = SqlStore(url, exclusive=exclusive, pool_size=pool_size)
     await store.open()
     return store

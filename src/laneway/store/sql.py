@@ -48,19 +48,20 @@ def search_terms(query: str, limit: int = 16) -> list[str]:
     return list(seen)[:limit]
 
 
-def open_driver(url: str) -> Driver:
+def open_driver(url: str, pool_size: int | None = None) -> Driver:
     if url.startswith("sqlite:"):
         from laneway.store.sqlite import SqliteDriver
 
         return SqliteDriver(url)
-    from laneway.store.postgres import PostgresDriver
+    from laneway.store.postgres import POOL_SIZE, PostgresDriver
 
-    return PostgresDriver(url)
+    return PostgresDriver(url, pool_size=pool_size or POOL_SIZE)
 
 
 class SqlStore:
-    def __init__(self, url: str, *, exclusive: bool = True, cache_sessions: int = 4096) -> None:
-        self.driver = open_driver(url)
+    def __init__(self, url: str, *, exclusive: bool = True, cache_sessions: int = 4096,
+                 pool_size: int | None = None) -> None:
+        self.driver = open_driver(url, pool_size)
         self.sql = Statements(self.driver.dialect)
         self.exclusive = exclusive
         self._cache: OrderedDict[SessionRef, SessionState] = OrderedDict()
