@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from laneway.errors import ContextTooLong
 
-Message = dict[str, Any]
+if TYPE_CHECKING:  # the store's own type; base.py imports this module
+    from laneway.store.base import Message
 
 
 class Tail:
