@@ -70,8 +70,9 @@ class Settings:
     upstream_model: str | None = None
     upstream_api_key: str | None = None
     store: str | None = None
-    #: PostgreSQL: connections per replica (the store's `POOL_SIZE`, whose comment says why).
-    store_pool_size: int = 8
+    #: PostgreSQL: connections per replica; None: the store's `POOL_SIZE` (8, whose comment
+    #: says why).
+    store_pool_size: int | None = None
     lanes: str = "local"
     #: Redis lanes: how long a holder's lease lasts without renewal (a crashed replica's
     #: lanes free themselves within it).
@@ -221,7 +222,7 @@ def validate(settings: Settings) -> None:
             agent.upstream.startswith(("http://", "https://")) and urlsplit(agent.upstream).hostname
         ):
             raise ConfigError(f"agent {agent.name}: upstream must be 'local' or an http(s):// URL")
-    if settings.store_pool_size < 1:
+    if settings.store_pool_size is not None and settings.store_pool_size < 1:
         raise ConfigError("store_pool_size must be at least 1")
     if settings.max_concurrent_turns < 0:
         raise ConfigError("max_concurrent_turns must be 0 (no limit) or more")
