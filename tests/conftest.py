@@ -157,6 +157,7 @@ def conv() -> str:
 
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379/0"
 
 
 @contextlib.contextmanager
@@ -178,6 +179,23 @@ def postgres_database() -> Iterator[str]:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
         run_async(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def redis_prefix() -> Iterator[str]:
+    """A random key prefix for one test's lanes on the machine's Redis; every key under it
+    is deleted afterwards."""
+    import redis
+
+    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS)
+        names = list(client.scan_iter(match=prefix + "*"))
+        if names:
+            client.delete(*names)
+        client.close()
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

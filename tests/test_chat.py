@@ -167,7 +167,6 @@ async def test_healthz_and_metrics(gateway: Gateway) -> None:
     assert "laneway_queue_wait_seconds_bucket" in text
 
 
-
 async def test_metrics_time_each_turns_store_calls(
     gateway: Gateway, client: AsyncOpenAI, conv: str
 ) -> None:

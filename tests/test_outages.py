@@ -12,8 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
-from conftest import Gateway, StartGateway, postgres_database
+from conftest import Gateway, StartGateway, postgres_database, redis_prefix
 from scripted_upstream import ScriptedUpstream
 from tcp_proxy import TcpProxy
 
@@ -21,21 +20,15 @@ from tcp_proxy import TcpProxy
 @pytest.fixture(scope="module")
 def proxied(gateways: StartGateway, upstream: ScriptedUpstream) -> Iterator[tuple[Gateway, TcpProxy, TcpProxy]]:
     pg, rd = TcpProxy(5432).up(), TcpProxy(6379).up()
-    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
-    with postgres_database() as db:
+    with redis_prefix() as prefix, postgres_database() as db:
         store = db.replace(":5432/", f":{pg.port}/")
         gateway = gateways("--upstream", upstream.url, "--store", store,
                            "--lanes", f"redis://127.0.0.1:{rd.port}/0?prefix={prefix}",
                            "--lane-lease-s", "1.5")
         yield gateway, pg, rd
         gateway.stop()
-    pg.close()
-    rd.close()
-    client = redis.Redis()
-    names = list(client.scan_iter(match=prefix + "*"))
-    if names:
-        client.delete(*names)
-    client.close()
+        pg.close()
+        rd.close()
 
 
 async def _ask(gateway: Gateway, key: str, text: str) -> tuple[int, Any]:

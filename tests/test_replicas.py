@@ -12,19 +12,24 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-import redis
-from conftest import POSTGRES_ADMIN, Gateway, StartGateway, eventually, postgres_database
+from conftest import (
+    POSTGRES_ADMIN,
+    REDIS,
+    Gateway,
+    StartGateway,
+    eventually,
+    postgres_database,
+    redis_prefix,
+)
 from scripted_upstream import ScriptedUpstream
 
-REDIS = "redis://127.0.0.1:6379/0"
 REPEATS = 15
 CHAT = "/chat/completions"
 
 
 @pytest.fixture(scope="module")
 def cluster(gateways: StartGateway, upstream: ScriptedUpstream) -> Iterator[list[Gateway]]:
-    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
-    with postgres_database() as db:
+    with redis_prefix() as prefix, postgres_database() as db:
         replicas = [
             gateways("--upstream", upstream.url, "--store", db,
                      "--lanes", f"{REDIS}?prefix={prefix}", "--lane-lease-s", "2")
@@ -33,11 +38,6 @@ def cluster(gateways: StartGateway, upstream: ScriptedUpstream) -> Iterator[list
         yield replicas
         for replica in replicas:
             replica.stop()
-    client = redis.Redis.from_url(REDIS)
-    names = list(client.scan_iter(match=prefix + "*"))
-    if names:
-        client.delete(*names)
-    client.close()
 
 
 def _body(conv: str, text: str, stream: bool = False) -> dict[str, Any]:
@@ -153,8 +153,7 @@ async def test_store_pool_size_bounds_postgres_connections(
 ) -> None:
     """`LANEWAY_STORE_POOL_SIZE` (`--store-pool-size`) is the most connections a replica
     opens, however many turns run at once; turns beyond it wait for one, they do not fail."""
-    prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
-    with postgres_database() as db:
+    with redis_prefix() as prefix, postgres_database() as db:
         gateway = gateways("--upstream", upstream.url, "--store", db,
                            "--lanes", f"{REDIS}?prefix={prefix}",
                            env={"LANEWAY_STORE_POOL_SIZE": "2"})
