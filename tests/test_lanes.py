@@ -343,3 +343,45 @@ async def test_redis_fences_keep_growing_after_redis_forgets_everything() -> Non
         second = await lanes.enter("k", max_waiting=1)
         assert second.fence > first.fence
         await second.release()
+
+
+async def test_redis_passes_a_clean_releases_note_to_the_next_grant_only() -> None:
+    """The note a holder releases with reaches the next grant, whether that ticket waits on
+    another replica, on the same one, or arrives after the lane went idle; the grant takes
+    it, so no later grant sees it again. A holder that lost its lane leaves none."""
+    a, b, prefix = await _two_replicas()
+    try:
+        holder = await a.enter("k", max_waiting=5)
+        assert holder.handoff is None
+        first, second = await b.enter("k", max_waiting=5), await b.enter("k", max_waiting=5)
+        await holder.release("s:1")
+        await first.granted(2)  # by a notification to replica b
+        assert first.handoff == "s:1"
+        await first.release("s:2")  # b's own release grants b's next ticket
+        await second.granted(2)
+        assert second.handoff == "s:2"
+        await second.release("s:3")  # the lane goes idle with the note
+        later = await b.enter("k", max_waiting=5)
+        assert later.arrival_position == 0 and later.handoff == "s:3"
+        await later.release()  # no note to leave
+        again = await a.enter("k", max_waiting=5)
+        assert again.handoff is None
+        await a._redis.delete(a._h("k"))  # its lease runs out: the lane is someone else's
+        await again.release("s:4")
+        last = await b.enter("k", max_waiting=5)
+        assert last.handoff is None
+        await last.release()
+    finally:
+        await a.close()
+        await b.close()
+        await _drop(prefix)
+
+
+async def test_local_lanes_pass_no_notes() -> None:
+    async with backend("local") as lanes:
+        holder = await lanes.enter("k", max_waiting=1)
+        waiter = await lanes.enter("k", max_waiting=1)
+        await holder.release("s:1")
+        await waiter.granted(1)
+        assert waiter.handoff is None
+        await waiter.release("s:2")

@@ -132,6 +132,37 @@ async def test_queue_spans_replicas_in_order(cluster: list[Gateway], upstream: S
     assert session["turns"] == 5 and session["status"] == "idle"
 
 
+async def _session_loads(gateway: Gateway) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.url + "/metrics") as resp:
+            text = await resp.text()
+    return {source: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            for source in ("cache", "store")
+            if line.startswith(f'laneway_session_loads_total{{source="{source}"}}')}
+
+
+async def test_a_replica_reuses_what_it_holds_only_when_the_lane_says_it_is_current(
+    cluster: list[Gateway], upstream: ScriptedUpstream, conv: str
+) -> None:
+    """Turns of one key hop between replicas. A replica that ran the lane's last turn reads
+    nothing from PostgreSQL for the next one; one whose cached transcript is turns behind
+    reads it again: every turn sees every earlier one."""
+    headers = {"x-laneway-session-key": conv}
+    route = [0, 0, 1, 0, 2, 2, 2, 0, 1]
+    sent: list[str] = []
+    before = [await _session_loads(replica) for replica in cluster]
+    for i, replica in enumerate(route):
+        sent.append(f"m{i}")
+        status, _, reply = await _post(cluster[replica], _body(conv, f"m{i}"), headers)
+        assert status == 200, reply
+        assert _seen(reply) == sent
+    after = [await _session_loads(replica) for replica in cluster]
+    gained = [{k: after[r][k] - before[r][k] for k in ("cache", "store")} for r in range(3)]
+    # From the cache: the turns that followed one on the same replica (the 2nd, 6th, 7th).
+    assert [g["cache"] for g in gained] == [1, 0, 2], gained
+    assert [g["store"] for g in gained] == [3, 2, 1], gained
+
+
 async def test_collect_across_replicas_loses_nothing(cluster: list[Gateway], upstream: ScriptedUpstream, conv: str) -> None:
     headers = {"x-laneway-session-key": conv}
     collect = {**headers, "x-laneway-lane-policy": "collect"}

@@ -18,7 +18,7 @@ from alembic.migration import MigrationContext
 from conftest import postgres_database
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from laneway.store.base import MemoryScope, SessionRef, StaleFence, TurnRecord
+from laneway.store.base import MemoryScope, SessionRef, SessionState, StaleFence, TurnRecord
 from laneway.store.schema import metadata
 from laneway.store.sql import SqlStore, search_terms
 
@@ -141,6 +141,64 @@ async def test_sole_writer_reads_a_stored_session_without_claiming_it(db_url: st
     assert (await stored())[0] == 2
     assert [m["content"] for m in await store.transcript(ref, 10)] == ["one", "re one", "two", "re two"]
     await store.close()
+
+
+async def test_a_handoff_note_spares_the_claim_and_a_stale_one_cannot_fork(db_url: str) -> None:
+    """Two replicas. A turn whose lane came with a note naming the state its replica holds
+    uses that state without claiming the session; a note naming another state, or one that
+    is out of date, leads to a claim and a fresh read, or to a refused commit: never to a
+    turn written on top of an old transcript."""
+    from sqlalchemy import select
+
+    from laneway.store.schema import sessions
+    from laneway.store.statements import compile_sql
+
+    a, b = SqlStore(db_url, exclusive=False), SqlStore(db_url, exclusive=False)
+    await a.open()
+    await b.open()
+    ref = SessionRef("t", "default", "k")
+    fence_sql = compile_sql(select(sessions.c.fence), a.driver.dialect)
+
+    async def stored_fence() -> int:
+        async with a.driver.connect() as conn:
+            return int((await conn.fetch(fence_sql, {}))[0][0])
+
+    def contents(state: SessionState) -> list[str]:
+        return [m["content"] for m in state.tail.messages]
+
+    state = await a.load(ref, fence=10, window_tokens=1000)
+    await a.commit(state, _turn(1, "one"), fence=10)
+    note = a.mark(ref)
+    assert note == f"{state.id}:1"
+    state = await a.load(ref, fence=11, window_tokens=1000, handoff=note)
+    assert await stored_fence() == 10  # no claim was made
+    await a.commit(state, _turn(2, "two"), fence=11)
+    assert await stored_fence() == 11
+
+    # The next turn runs on replica b, which holds nothing: the note is no use to it.
+    state = await b.load(ref, fence=12, window_tokens=1000, handoff=a.mark(ref))
+    assert await stored_fence() == 12 and contents(state) == ["one", "re one", "two", "re two"]
+    await b.commit(state, _turn(3, "three"), fence=12)
+    # Back on a, whose cache is a turn behind b's note: it claims and reads turn 3.
+    state = await a.load(ref, fence=13, window_tokens=1000, handoff=b.mark(ref))
+    assert await stored_fence() == 13 and (contents(state))[-2:] == ["three", "re three"]
+
+    # A note out of date (the lane passed it on, then a turn it did not see was written):
+    # the turn on the old state is refused and a forgets that state.
+    stale_note = a.mark(ref)
+    theirs = await b.load(ref, fence=14, window_tokens=1000)
+    await b.commit(theirs, _turn(4, "four"), fence=14)
+    state = await a.load(ref, fence=15, window_tokens=1000, handoff=stale_note)
+    with pytest.raises(StaleFence):
+        await a.commit(state, _turn(5, "forked"), fence=15)
+    assert a.mark(ref) is None
+    transcript = [m["content"] for m in await a.transcript(ref, 20)]
+    assert transcript == ["one", "re one", "two", "re two", "three", "re three", "four", "re four"]
+    state = await a.load(ref, fence=16, window_tokens=1000, handoff=stale_note)
+    assert contents(state) == transcript
+    assert SqlStore(db_url).mark(ref) is None  # a sole writer needs no notes
+    await a.close()
+    await b.close()
 
 
 async def test_concurrent_commits_each_stand_alone(db_url: str) -> None:

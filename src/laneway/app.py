@@ -77,7 +77,7 @@ async def _lifespan(api: Api, settings: Settings) -> AsyncIterator[None]:
         )
         for upstream in {id(u): u for u in upstreams.values()}.values():
             stack.push_async_callback(upstream.close)
-        metrics = Metrics()
+        metrics = Metrics(session_loads=store.loads)
         service = TurnService(settings, store, lanes, upstreams, metrics)
         stack.push_async_callback(service.close)
         api.bind(service, store, lanes, metrics)

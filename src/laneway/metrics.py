@@ -55,9 +55,11 @@ class Buckets:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, session_loads: Counter[str] | None = None) -> None:
         #: Turns by outcome.
         self.turns: Counter[str] = Counter()
+        #: The store's own count of session loads by source (`Store.loads`).
+        self.session_loads: Counter[str] = Counter() if session_loads is None else session_loads
         #: Time a turn waited for its lane, held it, and spent in the model.
         self.queue_wait = Buckets(_WAIT_BUCKETS)
         self.turn_seconds = Buckets(_LATENCY_BUCKETS)
@@ -89,6 +91,12 @@ class Metrics:
         self.store_load.add_to(store, ["load"])
         self.store_commit.add_to(store, ["commit"])
         yield store
+        loads = CounterMetricFamily("laneway_session_loads",
+                                    "Turns' session loads: from this replica's cache or the store",
+                                    labels=["source"])
+        for source in ("cache", "store"):
+            loads.add_metric([source], self.session_loads[source])
+        yield loads
         yield GaugeMetricFamily("laneway_queue_depth", "Requests waiting for a lane",
                                 value=self.queue_depth)
         yield GaugeMetricFamily("laneway_active_lanes", "Lanes with a running or waiting turn",

@@ -294,7 +294,9 @@ class TurnService:
                 timer.cancel()
             if self._batches.get(key) is turn:
                 del self._batches[key]
-            await ticket.release()
+            # The state this replica holds is the one its successor will find, unless
+            # something failed in doubt (then the store has forgotten it: no note).
+            await ticket.release(self.store.mark(turn.ref) if turn.started else None)
             names = self._names.pop(turn.id, [])
             if names and outcome not in ("ok", "interrupted"):
                 with contextlib.suppress(LanewayError):
@@ -308,7 +310,8 @@ class TurnService:
         inp = self._inputs[turn.id]
         loading = time.perf_counter()
         try:
-            state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens)
+            state = await self.store.load(turn.ref, turn.ticket.fence, agent.context_tokens,
+                                          turn.ticket.handoff)
         finally:  # a failed call too: an operator looks here when the store is slow or down
             self.metrics.store_load.observe(time.perf_counter() - loading)
         tools = self._tool_context(state, agent, turn.ticket.key)

@@ -7,7 +7,7 @@ A lane serialises the turns of one session key. The request path is:
         await ticket.granted(timeout)                  # FIFO wait; exclusive from here on
         ... resolve the session, run the turn, commit with ticket.fence ...
     finally:
-        await ticket.release()                         # leave the queue or free the lane
+        await ticket.release(note)                     # leave the queue or free the lane
 
 Guarantees, identical in every backend:
 
@@ -17,7 +17,14 @@ Guarantees, identical in every backend:
   ticket granted at the instant its waiter was cancelled passes the lane on in `release`.
 * **Fenced**: each grant carries a `fence` larger than every earlier grant of that key, so
   the store can refuse a write from a holder that lost the lane without knowing it.
-* **Bounded**: an idle lane holds no state; memory is proportional to busy keys only.
+* **Bounded**: an idle lane holds no state; memory is proportional to busy keys only
+  (Redis also keeps a released lane's hand-off note, a few bytes, for an hour).
+
+A **hand-off note** is what a holder leaves its successor: a string from the store
+(`Store.mark`) naming the session state it left, so that the next holder, if it holds the
+same state, need not ask the store for it. A grant carries the note of the release that
+freed the lane, and only of that one: a lane whose holder lost its lease passes on none.
+The in-process lanes pass none at all: their store is the only writer and trusts its cache.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Ticket(Protocol):
     arrival_position: int
     #: Valid once granted: monotonic per key across grants.
     fence: int
+    #: Valid once granted: the previous holder's hand-off note, if it left one.
+    handoff: str | None
     #: Called (on the event loop) when another request asks the holder to stop.
     on_interrupt: Callable[[], None] | None
     #: Called when the holder lost the lane (its lease ran out): it must stop at once.
@@ -58,8 +67,9 @@ class Ticket(Protocol):
     async def position(self) -> int:
         """Tickets ahead now (0 when this ticket holds the lane)."""
 
-    async def release(self) -> None:
-        """Leave the queue or free the lane for the next ticket, and drop `on_interrupt` and
+    async def release(self, handoff: str | None = None) -> None:
+        """Leave the queue or free the lane for the next ticket, with `handoff` for it if
+        this ticket holds the lane, and drop `on_interrupt` and
         `on_lost` (they close over the turn, which holds the ticket: a cycle that only the
         collector could free otherwise). Idempotent."""
 

@@ -27,6 +27,8 @@ class _Lane:
 class LocalTicket:
     __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "on_lost",
                  "entered", "_lanes", "_lane", "_future", "_done")
+    #: The in-process lanes pass no notes: their store trusts its cache (see base.py).
+    handoff: str | None = None
 
     def __init__(self, lanes: LocalLanes, lane: _Lane, key: str, position: int, owner: str) -> None:
         self.key = key
@@ -78,7 +80,7 @@ class LocalTicket:
     def secure(self) -> bool:
         return self._lane.holder is self
 
-    async def release(self) -> None:
+    async def release(self, handoff: str | None = None) -> None:
         if self._done:
             return
         self._done = True

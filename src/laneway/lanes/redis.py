@@ -9,11 +9,14 @@ Keys, for prefix P and lane key K:
     P q:K           ZSET of waiting tickets scored by seq; expires with the longest wait
     P h:K           the holder, "ticket|fence|granted_ms", with a lease (PX) that the
                     holder's replica renews; a crashed holder's lane frees itself
+    P n:K           the hand-off note of the last clean release, until the next grant
+                    takes it (kept an hour at most)
     P c:NAME        an idempotency claim: "R|turn_id" (PX its time to live)
     P alive:R       replica R is alive (PX lease, renewed with its leases); grants skip
                     the tickets of dead replicas
-    channel P r:R   grants and interrupts for replica R's tickets: hand-off by
-                    notification, with a slow check as the safety net for lost messages
+    channel P r:R   grants ("grant|ticket|fence|note") and interrupts for replica R's
+                    tickets: hand-off by notification, with a slow check as the safety
+                    net for lost messages
 
 A ticket id is "R:seq:entered_ms:owner". A holder that cannot renew its lease in time is
 told it lost the lane (`on_lost`) and must stop; the fence keeps it from writing if it
@@ -40,9 +43,13 @@ from laneway.lanes.resp import RespClient
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+#: A hand-off note outlives its lane's last turn this long: past it, the next turn claims
+#: the session from the store, as it would with no note.
+_NOTE_TTL_MS = 3_600_000
 
-# grant_next(queue, holder, fence_key, prefix, lease_ms, now_ms): give the lane to the
-# oldest waiting ticket whose replica is alive, and tell that replica.
+# grant_next(queue, holder, fence_key, note_key, prefix, lease_ms, now_ms): give the lane
+# to the oldest waiting ticket whose replica is alive, with the hand-off note, and tell
+# that replica. Every grant takes the note, so a lane whose holder crashed passes none on.
 _GRANT_NEXT = """
 -- Fences follow the Redis server's clock in microseconds when the counter lags it, so
 -- they keep growing even after a restart of a Redis that persists nothing.
@@ -56,7 +63,13 @@ local function next_fence(key)
   end
   return fence
 end
-local function grant_next(queue, holder, fence_key, prefix, lease, now)
+local function take_note(key)
+  local note = redis.call('GET', key)
+  if not note then return '' end
+  redis.call('DEL', key)
+  return note
+end
+local function grant_next(queue, holder, fence_key, note_key, prefix, lease, now)
   while true do
     local head = redis.call('ZRANGE', queue, 0, 0)[1]
     if not head then return false end
@@ -65,9 +78,10 @@ local function grant_next(queue, holder, fence_key, prefix, lease, now)
     if redis.call('EXISTS', prefix .. 'alive:' .. replica) == 1 then
       local fence = next_fence(fence_key)
       local f = string.format('%d', fence)
+      local note = take_note(note_key)
       redis.call('SET', holder, head .. '|' .. f .. '|' .. now, 'PX', lease)
-      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. f)
-      return head, f
+      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. f .. '|' .. note)
+      return head, f, note
     end
   end
 end
@@ -76,61 +90,69 @@ local function holds(holder, ticket)
 end
 """
 
-# KEYS: queue, holder, seq, fence. ARGV: replica, owner, max_waiting, lease_ms, now_ms,
-# queue_ttl_ms, prefix. Returns {ticket, position (-1: no room), fence or waiting}.
+# KEYS: queue, holder, seq, fence, note. ARGV: replica, owner, max_waiting, lease_ms,
+# now_ms, queue_ttl_ms, prefix. Returns {ticket, position (-1: no room), fence or waiting,
+# note}.
 _ENTER = _GRANT_NEXT + """
 local seq = redis.call('INCR', KEYS[3])
 local ticket = ARGV[1] .. ':' .. seq .. ':' .. ARGV[5] .. ':' .. ARGV[2]
 local holder = redis.call('GET', KEYS[2])
 if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
   -- the holder's lease ran out (crashed replica) while tickets waited: they go first
-  grant_next(KEYS[1], KEYS[2], KEYS[4], ARGV[7], ARGV[4], ARGV[5])
+  grant_next(KEYS[1], KEYS[2], KEYS[4], KEYS[5], ARGV[7], ARGV[4], ARGV[5])
   holder = redis.call('GET', KEYS[2])
 end
 if not holder then
   local fence = next_fence(KEYS[4])
   redis.call('SET', KEYS[2], ticket .. '|' .. string.format('%d', fence) .. '|' .. ARGV[5],
              'PX', ARGV[4])
-  return {ticket, 0, fence}
+  return {ticket, 0, fence, take_note(KEYS[5])}
 end
 local waiting = redis.call('ZCARD', KEYS[1])
-if waiting >= tonumber(ARGV[3]) then return {'', -1, waiting} end
+if waiting >= tonumber(ARGV[3]) then return {'', -1, waiting, ''} end
 redis.call('ZADD', KEYS[1], seq, ticket)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-return {ticket, waiting + 1, 0}
+return {ticket, waiting + 1, 0, ''}
 """
 
-# KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
-# Frees the lane if the ticket holds it, else takes the ticket out of the queue. Returns
-# {ticket, fence} of a grant it made (the releasing replica may hold that ticket: it grants
-# it at once instead of waiting for its own notification), else {}.
+# KEYS: queue, holder, fence, note. ARGV: ticket, lease_ms, now_ms, prefix, note,
+# note_ttl_ms. Frees the lane if the ticket holds it, leaving its note (if not empty) for
+# the next grant, else takes the ticket out of the queue. Returns {ticket, fence, note} of
+# a grant it made (the releasing replica may hold that ticket: it grants it at once instead
+# of waiting for its own notification), else {}.
 _RELEASE = _GRANT_NEXT + """
 local holder = redis.call('GET', KEYS[2])
 if holds(holder, ARGV[1]) then
   redis.call('DEL', KEYS[2])
-  local head, fence = grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
-  if head then return {head, fence} end
+  if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6]) end
+  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
+                                       ARGV[3])
+  if head then return {head, fence, note} end
   return {}
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  local head, fence = grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
-  if head then return {head, fence} end
+  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
+                                       ARGV[3])
+  if head then return {head, fence, note} end
 end
 return {}
 """
 
-# KEYS: queue, holder, fence. ARGV: ticket, lease_ms, now_ms, prefix.
-# A waiter's safety net: {1, fence} if it holds the lane (granting it if the lane is
-# free and it is next), {0, tickets ahead} if it waits, {-1} if it was dropped.
+# KEYS: queue, holder, fence, note. ARGV: ticket, lease_ms, now_ms, prefix.
+# A waiter's safety net: {1, fence, note} if it holds the lane (granting it if the lane is
+# free and it is next; the note only then, as a grant made elsewhere sent it already),
+# {0, tickets ahead} if it waits, {-1} if it was dropped.
 _CHECK = _GRANT_NEXT + """
 local holder = redis.call('GET', KEYS[2])
 if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  grant_next(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[2], ARGV[3])
+  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
+                                       ARGV[3])
+  if head == ARGV[1] then return {1, tonumber(fence), note} end
   holder = redis.call('GET', KEYS[2])
 end
 if holds(holder, ARGV[1]) then
-  return {1, tonumber(string.match(holder, '|(%d+)|'))}
+  return {1, tonumber(string.match(holder, '|(%d+)|')), ''}
 end
 local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
 if not rank then return {-1, 0} end
@@ -177,15 +199,16 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 class RedisTicket:
-    __slots__ = ("key", "arrival_position", "fence", "owner", "on_interrupt", "on_lost", "id",
-                 "lost", "_lanes", "_future", "_done", "_renewed")
+    __slots__ = ("key", "arrival_position", "fence", "handoff", "owner", "on_interrupt",
+                 "on_lost", "id", "lost", "_lanes", "_future", "_done", "_renewed")
 
     def __init__(self, lanes: RedisLanes, key: str, ticket_id: str, position: int, fence: int,
-                 owner: str) -> None:
+                 owner: str, handoff: str | None = None) -> None:
         self.key = key
         self.id = ticket_id
         self.arrival_position = position
         self.fence = fence
+        self.handoff = handoff
         self.owner = owner
         self.on_interrupt: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
@@ -197,9 +220,10 @@ class RedisTicket:
         self._renewed = time.monotonic()
         self.lost = False
 
-    def _grant(self, fence: int) -> None:
+    def _grant(self, fence: int, handoff: str | None) -> None:
         if not self._future.done():
             self.fence = fence
+            self.handoff = handoff
             self._renewed = time.monotonic()
             self._future.set_result(None)
 
@@ -212,11 +236,9 @@ class RedisTicket:
                 await asyncio.wait_for(asyncio.shield(self._future),
                                        max(0.0, min(lanes.check_s, remaining)))
             except TimeoutError:
-                state, value = await lanes._script(
-                    lanes._check, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
-                )
+                state, value, note = await lanes._check_ticket(self)
                 if state == 1:
-                    self._grant(value)
+                    self._grant(value, note)
                 elif state == -1:
                     raise Unavailable("this request lost its place in the lane") from None
                 elif time.monotonic() >= deadline:
@@ -227,12 +249,9 @@ class RedisTicket:
     async def position(self) -> int:
         if self._future.done():
             return 0
-        lanes = self._lanes
-        state, value = await lanes._script(
-            lanes._check, self.key, self.id, lanes.lease_ms, _now_ms(), lanes.prefix
-        )
+        state, value, note = await self._lanes._check_ticket(self)
         if state == 1:
-            self._grant(value)
+            self._grant(value, note)
             return 0
         return max(0, value)
 
@@ -241,7 +260,7 @@ class RedisTicket:
         age = time.monotonic() - self._renewed
         return not self.lost and age < self._lanes.lease_ms / 1000 * 0.8
 
-    async def release(self) -> None:
+    async def release(self, handoff: str | None = None) -> None:
         if self._done:
             return
         self._done = True
@@ -251,14 +270,15 @@ class RedisTicket:
         try:
             granted = await lanes._eval(
                 lanes._release,
-                [lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence"],
-                [self.id, lanes.lease_ms, _now_ms(), lanes.prefix],
+                [lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence",
+                 lanes._n(self.key)],
+                [self.id, lanes.lease_ms, _now_ms(), lanes.prefix, handoff or "", _NOTE_TTL_MS],
             )
         except Unavailable:
             logger.warning("could not release %s: its lease will run out", self.key)
             return
         if granted:  # the next ticket may be this replica's: no need to wait for the message
-            lanes._granted(granted[0], int(granted[1]))
+            lanes._granted(granted[0], int(granted[1]), granted[2] or None)
 
 
 class RedisLanes:
@@ -284,10 +304,11 @@ class RedisLanes:
         self._claim = self._redis.register_script(_CLAIM)
         self._unclaim = self._redis.register_script(_UNCLAIM)
         self._tickets: dict[str, RedisTicket] = {}
-        #: Grants that arrived before `enter` registered their ticket: fence, when received.
+        #: Grants that arrived before `enter` registered their ticket: fence, note, when
+        #: received.
         #: A grant for a ticket already released (its notification came late) is dropped
         #: by the heartbeat.
-        self._early: dict[str, tuple[int, float]] = {}
+        self._early: dict[str, tuple[int, str | None, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._alive_ok = time.monotonic()
@@ -317,9 +338,10 @@ class RedisLanes:
     # -- the contract --------------------------------------------------------------------
 
     async def enter(self, key: str, *, max_waiting: int, owner: str = "") -> RedisTicket:
-        ticket_id, position, value = await self._eval(
+        ticket_id, position, value, note = await self._eval(
             self._enter,
-            [self._q(key), self._h(key), self.prefix + "seq", self.prefix + "fence"],
+            [self._q(key), self._h(key), self.prefix + "seq", self.prefix + "fence",
+             self._n(key)],
             [self.replica, owner, max_waiting, self.lease_ms, _now_ms(), self._queue_ttl_ms,
              self.prefix],
         )
@@ -327,11 +349,12 @@ class RedisLanes:
             if max_waiting == 0:
                 raise SessionBusy("the session is running another turn", retry_after=1.0)
             raise QueueFull(f"{value} requests already wait for this session", retry_after=1.0)
-        ticket = RedisTicket(self, key, ticket_id, position, value if position == 0 else 0, owner)
+        ticket = RedisTicket(self, key, ticket_id, position, value if position == 0 else 0, owner,
+                             note or None)
         self._tickets[ticket_id] = ticket
         early = self._early.pop(ticket_id, None)
         if early is not None:
-            ticket._grant(early[0])
+            ticket._grant(early[0], early[1])
         return ticket
 
     async def interrupt(self, key: str) -> bool:
@@ -384,13 +407,15 @@ class RedisLanes:
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _script(self, script: Any, key: str, *args: Any) -> tuple[int, int]:
+    async def _check_ticket(self, ticket: RedisTicket) -> tuple[int, int, str | None]:
+        """The safety net's check: (state, fence or tickets ahead, note); see `_CHECK`."""
+        key = ticket.key
         result = await self._eval(
-            script, [self._q(key), self._h(key), self.prefix + "fence"], list(args)
+            self._check, [self._q(key), self._h(key), self.prefix + "fence", self._n(key)],
+            [ticket.id, self.lease_ms, _now_ms(), self.prefix],
         )
-        if isinstance(result, int):
-            return result, 0
-        return int(result[0]), int(result[1])
+        note = result[2] if len(result) > 2 else ""
+        return int(result[0]), int(result[1]), note or None
 
     async def _eval(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         if self._fast is not None:
@@ -420,21 +445,21 @@ class RedisLanes:
             return
         kind, _, rest = data.partition("|")
         if kind == "grant":
-            ticket_id, _, fence = rest.rpartition("|")
-            self._granted(ticket_id, int(fence))
+            ticket_id, fence, note = rest.split("|")
+            self._granted(ticket_id, int(fence), note or None)
         elif kind == "interrupt":
             ticket = self._tickets.get(rest)
             if ticket is not None and ticket.on_interrupt is not None:
                 ticket.on_interrupt()
 
-    def _granted(self, ticket_id: str, fence: int) -> None:
+    def _granted(self, ticket_id: str, fence: int, note: str | None) -> None:
         """A grant, from a notification or from this replica's own RELEASE: a no-op for a
         ticket already granted or of another replica."""
         ticket = self._tickets.get(ticket_id)
         if ticket is not None:
-            ticket._grant(fence)
+            ticket._grant(fence, note)
         elif ticket_id.startswith(self.replica + ":"):
-            self._early[ticket_id] = (fence, time.monotonic())
+            self._early[ticket_id] = (fence, note, time.monotonic())
 
     async def _heartbeat(self) -> None:
         """Renew this replica's liveness and every lease it holds, five times a lease.
@@ -453,7 +478,7 @@ class RedisLanes:
             except (RedisError, OSError):
                 results = None
             now = time.monotonic()
-            for ticket_id, (_, received) in list(self._early.items()):
+            for ticket_id, (_, _, received) in list(self._early.items()):
                 if now - received > self.lease_ms / 1000:
                     del self._early[ticket_id]
             for i, ticket in enumerate(held):
@@ -479,6 +504,9 @@ class RedisLanes:
 
     def _h(self, key: str) -> str:
         return f"{self.prefix}h:{key}"
+
+    def _n(self, key: str) -> str:
+        return f"{self.prefix}n:{key}"
 
 
 def _info(key: str, holder: str | None, waiting: int, head: str | None) -> LaneInfo:

@@ -1,13 +1,15 @@
 """The store contract: sessions, their transcript, turns and memories.
 
 The store is called only by a lane holder for writes, so it never arbitrates between two
-turns of one key; it only refuses a write whose fence is older than the session's newest
-(`StaleFence`), which is what keeps a holder that lost its lane from writing.
+turns of one key; it only refuses a write whose fence is older than the session's newest,
+or whose turn read an older revision than the session's (`StaleFence`), which is what keeps
+a holder that lost its lane from writing.
 A turn's writes (messages, memories, turn record) land in one transaction in `commit`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -96,20 +98,34 @@ class SessionSummary:
 
 
 class Store(Protocol):
+    #: Turns' session loads by where they came from: "cache" (this process's memory, no
+    #: round trip) or "store". Counted for operators: with several replicas, routing each
+    #: session to one replica makes nearly all of them "cache".
+    loads: Counter[str]
+
     async def open(self) -> None:
         """Connect and bring the schema up to date (migrations)."""
 
     async def close(self) -> None: ...
 
-    async def load(self, ref: SessionRef, fence: int, window_tokens: int) -> SessionState:
+    async def load(self, ref: SessionRef, fence: int, window_tokens: int,
+                   handoff: str | None = None) -> SessionState:
         """Claim the session of `ref` for the holder of `fence` (creating it at revision 0
         if new) and return it with at least the newest `window_tokens` worth of transcript
         (whole messages). From the claim on, commits with an older fence fail.
-        Raises `StaleFence` if a newer holder has already claimed the session."""
+        Raises `StaleFence` if a newer holder has already claimed the session.
+
+        `handoff` is the note the lane's previous holder released with (its `mark`): when
+        the state this process holds is the one it names, no claim is needed."""
+
+    def mark(self, ref: SessionRef) -> str | None:
+        """A note naming the session state this process holds, if it is known to be the
+        committed one, for the lane's next holder (None when there is nothing to say)."""
 
     async def commit(self, state: SessionState, turn: TurnRecord, fence: int) -> None:
         """Append the turn atomically and advance `state` to match. `StaleFence` (and
-        nothing written) if the session was claimed by a newer fence."""
+        nothing written) if the session was claimed by a newer fence, or has moved past the
+        revision `state` was read at."""
 
     async def search_memories(self, scope: MemoryScope, query: str, limit: int) -> list[Memory]: ...
 

@@ -19,7 +19,7 @@ Row = tuple[Any, ...]
 class TurnWrite:
     """Everything one turn writes, committed atomically by `Driver.commit_turn`."""
 
-    session: dict[str, Any]  # sid, fence, now, added: the fenced advance of the session row
+    session: dict[str, Any]  # sid, fence, revision, now, added: the session row's advance
     turn: dict[str, Any]
     messages: list[dict[str, Any]]
     memories: list[dict[str, Any]]
@@ -60,5 +60,6 @@ class Driver(Protocol):
         """A connection inside a transaction: committed on exit, rolled back on error."""
 
     async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
-        """Write a turn atomically if the session still carries its fence; `StaleFence`
-        (and nothing written) if a newer lane holder claimed it."""
+        """Write a turn atomically if the session still carries its fence and the revision
+        the turn read; `StaleFence` (and nothing written) if a newer lane holder claimed it
+        or it moved on."""

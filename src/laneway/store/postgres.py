@@ -38,13 +38,13 @@ _RECALL = (
 _RECALL_SESSION = _RECALL.format(owner="= $5")
 _RECALL_AGENT = _RECALL.format(owner="IS NULL")
 # A turn's whole write in one statement (one round trip, atomic): the session row is
-# advanced only if it still carries this holder's fence, and every insert reads from that
-# update, so a stale holder writes nothing and gets 0.
+# advanced only if it still carries this holder's fence and the revision the turn read, and
+# every insert reads from that update, so a stale holder writes nothing and gets 0.
 _COMMIT_TURN = """
 WITH s AS (
   UPDATE sessions SET updated_at = $1, revision = revision + 1, next_seq = next_seq + $2,
          turns = turns + 1, fence = $3, has_memories = has_memories OR $19
-  WHERE id = $4 AND fence <= $3 RETURNING id
+  WHERE id = $4 AND fence <= $3 AND revision = $22 RETURNING id
 ), t AS (
   INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,
                      queue_wait_ms, usage, response, idempotency_key)
@@ -172,9 +172,10 @@ class PostgresDriver:
                 [m["tokens"] for m in messages],
                 memories[0]["tenant"] if memories else "", memories[0]["agent"] if memories else "",
                 session_scoped, [m["text"] for m in memories], [m["pinned"] for m in memories],
+                session["revision"],
             )
         if written != 1:
-            raise StaleFence("the session was claimed by a newer lane grant")
+            raise StaleFence("the session was claimed by a newer lane grant or moved on")
 
     @contextlib.contextmanager
     def _unavailable_when_down(self) -> Iterator[None]:

@@ -4,13 +4,18 @@ Sessions recently used keep their transcript tail in memory (`_cache`), so a tur
 nothing in the common case and writes once. The cache is trusted outright only when this
 process is the sole writer (embedded mode, `exclusive=True`); otherwise the session row's
 revision, read while claiming the session, says whether the cached tail is still current.
+
+With several replicas a turn can skip that claim, a round trip to the database: the lane's
+previous holder leaves a hand-off note saying which state it left (`mark`: the session's id
+and revision), and a replica whose cache holds exactly that state uses it as it is. The
+commit still checks fence and revision, so a wrong note costs the turn, never the history.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import orjson
@@ -68,6 +73,8 @@ class SqlStore:
         #: Exclusive mode: whether an agent-wide memory scope has any memory (skips recall).
         self._has_memories: dict[MemoryScope, bool] = {}
         self._cache_size = cache_sessions
+        #: Turns' session loads by where they came from: "cache" (no round trip) or "store".
+        self.loads: Counter[str] = Counter()
 
     async def open(self) -> None:
         await self.driver.open()
@@ -81,11 +88,28 @@ class SqlStore:
 
     # -- turns -------------------------------------------------------------------------
 
-    async def load(self, ref: SessionRef, fence: int, window_tokens: int) -> SessionState:
+    async def load(self, ref: SessionRef, fence: int, window_tokens: int,
+                   handoff: str | None = None) -> SessionState:
         cached = self._cache.get(ref)
-        if cached is not None and self.exclusive:
+        if cached is not None and (self.exclusive or handoff == _mark(cached)):
             self._cache.move_to_end(ref)
+            self.loads["cache"] += 1
             return cached
+        self.loads["store"] += 1
+        try:
+            return await self._claim(ref, fence, window_tokens, cached)
+        except BaseException:
+            self._cache.pop(ref, None)  # what it holds may no longer be current
+            raise
+
+    def mark(self, ref: SessionRef) -> str | None:
+        """The hand-off note for the session state this replica holds, when it is exactly
+        the committed one; None in exclusive mode, which needs no notes."""
+        cached = None if self.exclusive else self._cache.get(ref)
+        return None if cached is None else _mark(cached)
+
+    async def _claim(self, ref: SessionRef, fence: int, window_tokens: int,
+                     cached: SessionState | None) -> SessionState:
         async with self.driver.connect() as conn:
             rows = []
             if self.exclusive:  # no other writer to fence out: a read, not a write
@@ -125,8 +149,8 @@ class SqlStore:
         owner = state.id if turn.memory_scope == "session" else None
         own_memories = bool(turn.memories) and owner is not None
         write = TurnWrite(
-            session={"sid": state.id, "fence": fence, "now": now, "added": added,
-                     "memories": own_memories},
+            session={"sid": state.id, "fence": fence, "revision": state.revision, "now": now,
+                     "added": added, "memories": own_memories},
             turn=_turn_row(turn, state.id),
             messages=rows,
             memories=[
@@ -135,7 +159,13 @@ class SqlStore:
                 for text, pinned in turn.memories
             ],
         )
-        await self.driver.commit_turn(self.sql, write)
+        try:
+            await self.driver.commit_turn(self.sql, write)
+        except BaseException:
+            # Refused, or in doubt (a connection lost after the statement was sent): the
+            # cached state is not known to be the committed one any more.
+            self._cache.pop(state.ref, None)
+            raise
         if turn.memories and owner is None:
             self._remember_memories(MemoryScope(state.ref.tenant, state.ref.agent, None), True)
         state.has_memories = state.has_memories or own_memories
@@ -299,6 +329,10 @@ class SqlStore:
         self._cache.move_to_end(state.ref)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def _mark(state: SessionState) -> str:
+    return f"{state.id}:{state.revision}"
 
 
 def _identity(ref: SessionRef) -> dict[str, Any]:

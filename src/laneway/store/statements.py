@@ -104,7 +104,8 @@ class Statements:
         )
         self.advance_session = c(
             update(_s)
-            .where(_s.c.id == _p("sid"), _s.c.fence <= _p("fence"))
+            .where(_s.c.id == _p("sid"), _s.c.fence <= _p("fence"),
+                   _s.c.revision == _p("revision"))
             .values(
                 updated_at=_p("now"),
                 revision=_s.c.revision + 1,
