@@ -179,7 +179,7 @@ def main_rows(result: dict[str, Any]) -> tuple[list[str], Rows]:
         else _f(cell("c32-d50")(t, s)["cpu_ms_per_turn"]))
     row("PostgreSQL + Redis CPU ms / turn, c32 · 50 ms",
         lambda t, s: f"{cell('c32-d50')(t, s)['services_cpu_ms_per_turn']:.2f}"
-        if t == "laneway-pg-redis" and cell("c32-d50")(t, s) else "")
+        if t.startswith("laneway-pg-redis") and cell("c32-d50")(t, s) else "")
     for name, label in (("c1-d0", "c1 · 0 ms"), ("c32-d50", "c32 · 50 ms")):
         def store(t: str, s: dict[str, Any], name: str = name) -> str:
             c = s.get("cells", {}).get(name) or {}

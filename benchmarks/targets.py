@@ -10,6 +10,8 @@
                     once that backend exists (a run that cannot start it says so and leaves
                     it out); a database of its own, dropped at the end, and a random Redis
                     key prefix, whose keys are deleted at the end
+  laneway-pg-redis-base  the same from `--base-src`, with a database of its own: a change to
+                    the distributed backend judged against its base in the same rounds
   litellm           LiteLLM's proxy, when it is importable
 """
 
@@ -24,8 +26,9 @@ from pathlib import Path
 
 from benchmarks.procs import Proc, Procs, free_port, roots, wait_http
 
-ALL = ("direct", "bare", "laneway", "laneway-base", "laneway-pg-redis", "litellm")
-LANEWAY = ("laneway", "laneway-base", "laneway-pg-redis")
+ALL = ("direct", "bare", "laneway", "laneway-base", "laneway-pg-redis", "laneway-pg-redis-base",
+       "litellm")
+LANEWAY = ("laneway", "laneway-base", "laneway-pg-redis", "laneway-pg-redis-base")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 SERVICES = frozenset({"postgres", "redis-server"})
@@ -66,7 +69,7 @@ class Launcher:
     upstream: str
     root: Path  # the directory holding `benchmarks/`
     laneway_src: Path | None = None  # run `laneway serve` from this source tree instead
-    base_src: Path | None = None  # the source tree of the `laneway-base` target
+    base_src: Path | None = None  # the source tree of the `-base` targets
     databases: list[str] = field(default_factory=list)  # Postgres databases to drop at the end
     redis_prefix: str = field(default_factory=lambda: f"laneway-bench-{secrets.token_hex(4)}:")
     redis_used: bool = False
@@ -88,14 +91,15 @@ class Launcher:
         if name in ("laneway", "laneway-base"):
             src = self.base_src if name == "laneway-base" else None
             return self.laneway(label, self.workdir / label, src=src)
-        if name == "laneway-pg-redis":
+        if name in ("laneway-pg-redis", "laneway-pg-redis-base"):
             database = f"laneway_bench_{secrets.token_hex(4)}"
             _postgres(f"CREATE DATABASE {database}")
             self.databases.append(database)
             extra = ["--store", f"postgresql://postgres@127.0.0.1:5432/{database}",
                      "--lanes", f"{REDIS}?prefix={self.redis_prefix}"]
             self.redis_used = True
-            server = self.laneway(label, self.workdir / label, extra)
+            src = self.base_src if name.endswith("-base") else None
+            server = self.laneway(label, self.workdir / label, extra, src=src)
             server.services = roots(SERVICES)
             server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
             return server
@@ -132,9 +136,9 @@ class Launcher:
         """Why target `name` cannot run here, or None; cheap checks only (see `start`)."""
         if name == "litellm" and importlib.util.find_spec("litellm") is None:
             return "LiteLLM is not installed (pip install 'litellm[proxy]')"
-        if name == "laneway-base" and self.base_src is None:
+        if name.endswith("-base") and self.base_src is None:
             return "no --base-src given"
-        if name == "laneway-pg-redis":
+        if name.startswith("laneway-pg-redis"):
             try:
                 _postgres("SELECT 1")
             except Exception as e:  # noqa: BLE001 - any failure means: no Postgres to use

@@ -228,6 +228,41 @@ async def test_concurrent_commits_each_stand_alone(db_url: str) -> None:
     await b.close()
 
 
+async def test_postgres_writes_turns_that_finish_together_in_one_statement() -> None:
+    """Ten turns finish at once: two are written as they come, the other eight wait and go
+    together (rows written by one statement share its transaction id). Each keeps its own
+    outcome: a stale one writes nothing, the others land with their memories."""
+    with postgres_database() as url:
+        a, b = SqlStore(url, exclusive=False), SqlStore(url, exclusive=False)
+        await a.open()
+        await b.open()
+        refs = [SessionRef("t", "default", f"g{i}") for i in range(10)]
+        states = [await a.load(ref, fence=30, window_tokens=1000) for ref in refs]
+        await b.load(refs[6], fence=31, window_tokens=1000)  # g6's turn will be stale
+        turns = [_turn(f"g{i}", f"m{i}", memories=[(f"fact {i}", i % 2 == 0)]) for i in range(10)]
+        for i in (3, 4):
+            turns[i].memory_scope = "agent"
+        results = await asyncio.gather(*(a.commit(s, t, fence=30) for s, t in zip(states, turns)),
+                                       return_exceptions=True)
+        assert [type(r).__name__ for r in results] == ["NoneType"] * 6 + ["StaleFence"] + ["NoneType"] * 3
+        async with a.driver.connect() as conn:
+            xmins = await conn.raw.fetch("SELECT DISTINCT xmin::text FROM turns")
+            sessions = await conn.raw.fetch(
+                "SELECT key, revision, next_seq, has_memories FROM sessions ORDER BY key")
+        assert len(xmins) <= 3, xmins
+        assert [tuple(r) for r in sessions] == [
+            (f"g{i}", int(i != 6), 2 * (i != 6), i not in (3, 4, 6)) for i in range(10)]
+        for i, (ref, state) in enumerate(zip(refs, states)):
+            contents = [m["content"] for m in await a.transcript(ref, 10)]
+            assert contents == ([] if i == 6 else [f"m{i}", f"re m{i}"])
+            mine = [m.text for m in await a.memories(MemoryScope("t", "default", state.id), 10)]
+            assert mine == ([] if i in (3, 4, 6) else [f"fact {i}"])
+        shared = await a.memories(MemoryScope("t", "default", None), 10)
+        assert sorted(m.text for m in shared) == ["fact 3", "fact 4"]
+        await a.close()
+        await b.close()
+
+
 async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, db_url: str) -> None:
     ref = SessionRef("t", "default", "long")
     state = await store.load(ref, fence=1, window_tokens=200)

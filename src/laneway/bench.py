@@ -48,8 +48,9 @@ def bench(
     ] = None,
     base_src: Annotated[
         Path | None,
-        typer.Option(help="Also run target laneway-base from this src/ directory, in the same "
-                     "rounds: a change measured against its base under the same noise."),
+        typer.Option(help="Also run target laneway-base (or the -base targets named in "
+                     "--targets) from this src/ directory, in the same rounds: a change "
+                     "measured against its base under the same noise."),
     ] = None,
     scale: Annotated[float, typer.Option(hidden=True, min=0.01)] = 1.0,
 ) -> None:
@@ -57,7 +58,7 @@ def bench(
     console = Console() if sys.stdout.isatty() else Console(width=150)  # logs: no wrapping
     runner, stats = _harness()
     names = [t.strip() for t in targets.split(",") if t.strip()]
-    if base_src is not None and "laneway-base" not in names:
+    if base_src is not None and not any(name.endswith("-base") for name in names):
         names.insert(names.index("laneway") + 1 if "laneway" in names else len(names),
                      "laneway-base")
     try:

@@ -3,6 +3,7 @@ give a transaction, and the few things no portable SQL can say (lexical search).
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,18 @@ class TurnWrite:
     turn: dict[str, Any]
     messages: list[dict[str, Any]]
     memories: list[dict[str, Any]]
+
+
+def settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Give a turn write's waiter its outcome, unless it stopped waiting (cancelled)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    elif isinstance(error, Exception):
+        future.set_exception(error)
+    else:
+        future.cancel()
 
 
 class Conn(Protocol):

@@ -1,5 +1,7 @@
 """PostgreSQL through asyncpg's own pool, which prepares and caches each statement once
-per connection. Migrations run through SQLAlchemy's asyncpg engine at start."""
+per connection. Migrations run through SQLAlchemy's asyncpg engine at start; turn writes
+go through `pgwrites.GroupWriter`, which puts the turns that finish together into one
+statement."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from laneway.errors import Unavailable
-from laneway.store.base import MemoryScope, StaleFence
+from laneway.store.base import MemoryScope
 from laneway.store.driver import Row, TurnWrite
 from laneway.store.migrate import upgrade
+from laneway.store.pgwrites import GroupWriter
 from laneway.store.statements import Sql, Statements
 
 _SEARCH = (
@@ -37,29 +40,6 @@ _RECALL = (
 )
 _RECALL_SESSION = _RECALL.format(owner="= $5")
 _RECALL_AGENT = _RECALL.format(owner="IS NULL")
-# A turn's whole write in one statement (one round trip, atomic): the session row is
-# advanced only if it still carries this holder's fence and the revision the turn read, and
-# every insert reads from that update, so a stale holder writes nothing and gets 0.
-_COMMIT_TURN = """
-WITH s AS (
-  UPDATE sessions SET updated_at = $1, revision = revision + 1, next_seq = next_seq + $2,
-         turns = turns + 1, fence = $3, has_memories = has_memories OR $19
-  WHERE id = $4 AND fence <= $3 AND revision = $22 RETURNING id
-), t AS (
-  INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,
-                     queue_wait_ms, usage, response, idempotency_key)
-  SELECT $5, s.id, $6, $7, $8, $9, $10, $11, $12, $13 FROM s
-), m AS (
-  INSERT INTO messages (session_id, seq, turn_id, data, tokens)
-  SELECT s.id, x.seq, $5, x.data, x.tokens
-  FROM s, unnest($14::integer[], $15::text[], $16::integer[]) AS x(seq, data, tokens)
-), mem AS (
-  INSERT INTO memories (tenant, agent, session_id, text, pinned, created_at)
-  SELECT $17, $18, CASE WHEN $19 THEN s.id END, y.text, y.pinned, $1
-  FROM s, unnest($20::text[], $21::boolean[]) AS y(text, pinned)
-)
-SELECT count(*) FROM s
-"""
 #: A connection attempt gives up after this: when PostgreSQL is down, requests fail fast.
 #: Waiting for a free pooled connection has no limit of its own (queries have one, 30 s),
 #: so a burst of load queues instead of failing.
@@ -68,6 +48,8 @@ _CONNECT_S = 3.0
 #: statement. At 32 concurrent turns a pool of 20 served 7% fewer turns a second than one
 #: of 2-8: its turns went to more server processes, each slower to wake (see the README).
 POOL_SIZE = 8
+#: Turn-write statements in flight at once per replica (see `pgwrites`), within the pool.
+WRITERS = 2
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
@@ -126,6 +108,7 @@ class PostgresDriver:
         self.dsn = "postgresql://" + url.split("://", 1)[1]
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._writer = GroupWriter(self.connect, min(WRITERS, pool_size))
 
     async def open(self) -> None:
         engine = create_async_engine("postgresql+asyncpg://" + self.dsn.split("://", 1)[1])
@@ -140,6 +123,7 @@ class PostgresDriver:
         )
 
     async def close(self) -> None:
+        await self._writer.drain()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -159,23 +143,7 @@ class PostgresDriver:
                 yield PostgresConn(raw)
 
     async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
-        session, turn, messages, memories = write.session, write.turn, write.messages, write.memories
-        session_scoped = any(m["session_id"] is not None for m in memories)
-        async with self.connect() as conn:
-            written = await conn.raw.fetchval(
-                _COMMIT_TURN,
-                session["now"], session["added"], session["fence"], session["sid"],
-                turn["id"], turn["status"], turn["created_at"], turn["started_at"],
-                turn["finished_at"], turn["queue_wait_ms"], turn["usage"], turn["response"],
-                turn["idempotency_key"],
-                [m["seq"] for m in messages], [m["data"] for m in messages],
-                [m["tokens"] for m in messages],
-                memories[0]["tenant"] if memories else "", memories[0]["agent"] if memories else "",
-                session_scoped, [m["text"] for m in memories], [m["pinned"] for m in memories],
-                session["revision"],
-            )
-        if written != 1:
-            raise StaleFence("the session was claimed by a newer lane grant or moved on")
+        await self._writer.write(write)
 
     @contextlib.contextmanager
     def _unavailable_when_down(self) -> Iterator[None]:

@@ -39,7 +39,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from laneway.errors import Unavailable
 from laneway.store.base import MemoryScope, StaleFence
-from laneway.store.driver import Row, TurnWrite
+from laneway.store.driver import Row, TurnWrite, settle
 from laneway.store.migrate import upgrade
 from laneway.store.statements import Sql, Statements
 
@@ -160,15 +160,15 @@ class SqliteDriver:
                 return
             else:
                 for (_, _, future), is_stale in zip(batch, stale):
-                    _settle(future, _stale() if is_stale else None)
+                    settle(future, _stale() if is_stale else None)
                 return
         for sql, write, future in batch:
             try:
                 one_stale = self._write_all([(sql, write)])[0]
             except Exception as e:
-                _settle(future, e)
+                settle(future, e)
             else:
-                _settle(future, _stale() if one_stale else None)
+                settle(future, _stale() if one_stale else None)
 
     def _write_all(self, writes: list[tuple[Statements, TurnWrite]]) -> list[bool]:
         """One transaction; a write whose session no longer carries its fence writes
@@ -256,19 +256,10 @@ def _stale() -> StaleFence:
     return StaleFence("the session was claimed by a newer lane grant")
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
 def _settle_all(batch: list[tuple[Statements, TurnWrite, asyncio.Future[None]]],
                 error: BaseException) -> None:
     for _, _, future in batch:
-        _settle(future, error)
+        settle(future, error)
 
 
 class _Checkpointer:
