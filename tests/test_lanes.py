@@ -252,24 +252,26 @@ async def test_interrupt_reaches_the_holder(lanes: LaneBackend) -> None:
     assert not await lanes.interrupt("k")
 
 
-async def _two_replicas() -> tuple[Any, Any, str]:
+@contextlib.asynccontextmanager
+async def _two_replicas() -> AsyncIterator[tuple[Any, Any]]:
+    """Two replicas' lanes on one Redis, under a key prefix of their own, removed after."""
     prefix = f"lwtest:{uuid.uuid4().hex[:10]}:"
     a = await open_lanes(f"{REDIS}?prefix={prefix}", lease_s=1.0)
     b = await open_lanes(f"{REDIS}?prefix={prefix}", lease_s=1.0)
-    return a, b, prefix
-
-
-async def _drop(prefix: str) -> None:
-    client = redis.asyncio.Redis.from_url(REDIS)
-    names = [k async for k in client.scan_iter(match=prefix + "*")]
-    if names:
-        await client.delete(*names)
-    await client.aclose()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+        client = redis.asyncio.Redis.from_url(REDIS)
+        names = [k async for k in client.scan_iter(match=prefix + "*")]
+        if names:
+            await client.delete(*names)
+        await client.aclose()
 
 
 async def test_redis_crashed_holder_frees_its_lane_within_the_lease() -> None:
-    a, b, prefix = await _two_replicas()
-    try:
+    async with _two_replicas() as (a, b):
         holder = await a.enter("k", max_waiting=5, owner="turn_a")
         waiter = await b.enter("k", max_waiting=5, owner="turn_b")
         for task in a._tasks:  # replica a dies: no release, no more heartbeats
@@ -281,15 +283,10 @@ async def test_redis_crashed_holder_frees_its_lane_within_the_lease() -> None:
         assert waiter.fence > holder.fence
         await waiter.release()
         assert await b.info("k") is None
-    finally:
-        await a._redis.aclose()
-        await b.close()
-        await _drop(prefix)
 
 
 async def test_redis_holder_that_loses_its_lease_is_told() -> None:
-    a, b, prefix = await _two_replicas()
-    try:
+    async with _two_replicas() as (a, b):
         holder = await a.enter("k", max_waiting=5)
         lost = asyncio.Event()
         holder.on_lost = lost.set
@@ -299,15 +296,10 @@ async def test_redis_holder_that_loses_its_lease_is_told() -> None:
         assert other.arrival_position == 0 and other.fence > holder.fence
         await other.release()
         await holder.release()  # a stale release must not free someone else's lane
-    finally:
-        await a.close()
-        await b.close()
-        await _drop(prefix)
 
 
 async def test_redis_grants_across_replicas_in_arrival_order() -> None:
-    a, b, prefix = await _two_replicas()
-    try:
+    async with _two_replicas() as (a, b):
         order: list[str] = []
         first = await a.enter("k", max_waiting=10)
         tickets = []
@@ -325,10 +317,6 @@ async def test_redis_grants_across_replicas_in_arrival_order() -> None:
         await first.release()
         await asyncio.gather(*tasks)
         assert order == [f"t{i}" for i in range(6)]
-    finally:
-        await a.close()
-        await b.close()
-        await _drop(prefix)
 
 
 async def test_redis_fences_keep_growing_after_redis_forgets_everything() -> None:
@@ -349,8 +337,7 @@ async def test_redis_passes_a_clean_releases_note_to_the_next_grant_only() -> No
     """The note a holder releases with reaches the next grant, whether that ticket waits on
     another replica, on the same one, or arrives after the lane went idle; the grant takes
     it, so no later grant sees it again. A holder that lost its lane leaves none."""
-    a, b, prefix = await _two_replicas()
-    try:
+    async with _two_replicas() as (a, b):
         holder = await a.enter("k", max_waiting=5)
         assert holder.handoff is None
         first, second = await b.enter("k", max_waiting=5), await b.enter("k", max_waiting=5)
@@ -371,10 +358,6 @@ async def test_redis_passes_a_clean_releases_note_to_the_next_grant_only() -> No
         last = await b.enter("k", max_waiting=5)
         assert last.handoff is None
         await last.release()
-    finally:
-        await a.close()
-        await b.close()
-        await _drop(prefix)
 
 
 async def test_local_lanes_pass_no_notes() -> None:

@@ -86,6 +86,13 @@ WITH u AS (
 SELECT coalesce(array_agg(id), '{}') FROM s
 """
 
+# The columns of `_COMMIT_TURNS`' arrays, in its order, by their keys in a `TurnWrite`.
+_SESSION = ("sid", "fence", "revision", "added", "now", "memories")
+_TURN = ("id", "session_id", "status", "created_at", "started_at", "finished_at",
+         "queue_wait_ms", "usage", "response", "idempotency_key")
+_MESSAGE = ("session_id", "seq", "turn_id", "data", "tokens")
+_MEMORY = ("tenant", "agent", "session_id", "text", "pinned", "created_at")  # after the owner
+
 Connect = Callable[[], AbstractAsyncContextManager[Any]]
 _Waiting = tuple[TurnWrite, "asyncio.Future[None]"]
 
@@ -187,37 +194,20 @@ class GroupWriter:
         return written == 1
 
     async def _write_many(self, writes: list[TurnWrite]) -> set[int]:
-        columns: list[list[Any]] = [[] for _ in range(28)]
-        (sid, fence, revision, added, now, own_memories, t_id, t_sid, status, created_at,
-         started_at, finished_at, queue_wait_ms, usage, response, idempotency_key, m_sid, seq,
-         m_turn, data, tokens, owner, tenant, agent, mem_sid, text, pinned, mem_at) = columns
-        for write in writes:
-            session, turn = write.session, write.turn
-            for column, key in ((sid, "sid"), (fence, "fence"), (revision, "revision"),
-                                (added, "added"), (now, "now"), (own_memories, "memories")):
-                column.append(session[key])
-            for column, key in ((t_id, "id"), (t_sid, "session_id"), (status, "status"),
-                                (created_at, "created_at"), (started_at, "started_at"),
-                                (finished_at, "finished_at"), (queue_wait_ms, "queue_wait_ms"),
-                                (usage, "usage"), (response, "response"),
-                                (idempotency_key, "idempotency_key")):
-                column.append(turn[key])
-            for m in write.messages:
-                m_sid.append(m["session_id"])
-                seq.append(m["seq"])
-                m_turn.append(m["turn_id"])
-                data.append(m["data"])
-                tokens.append(m["tokens"])
-            for memory in write.memories:
-                owner.append(session["sid"])
-                tenant.append(memory["tenant"])
-                agent.append(memory["agent"])
-                mem_sid.append(memory["session_id"])
-                text.append(memory["text"])
-                pinned.append(memory["pinned"])
-                mem_at.append(memory["created_at"])
+        memories = [(w.session["sid"], m) for w in writes for m in w.memories]
+        columns = (
+            _columns([w.session for w in writes], _SESSION)
+            + _columns([w.turn for w in writes], _TURN)
+            + _columns([m for w in writes for m in w.messages], _MESSAGE)
+            + [[owner for owner, _ in memories]]
+            + _columns([m for _, m in memories], _MEMORY)
+        )
         async with self._connect() as conn:
             return set(await conn.raw.fetchval(_COMMIT_TURNS, *columns))
+
+
+def _columns(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[Any]]:
+    return [[row[key] for row in rows] for key in keys]
 
 
 def _stale() -> StaleFence:
