@@ -368,3 +368,24 @@ async def test_local_lanes_pass_no_notes() -> None:
         await waiter.granted(1)
         assert waiter.handoff is None
         await waiter.release("s:2")
+
+
+async def test_redis_release_soon_frees_the_lane_ahead_of_the_next_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A turn's reply does not wait for its release: `release_soon` returns at once, yet a
+    request of the same replica that enters right after finds the lane free, and a waiter
+    on another replica gets the grant with the note."""
+    async with _two_replicas() as (a, b):
+        for i in range(20):
+            ticket = await a.enter("k", max_waiting=5)
+            assert ticket.arrival_position == 0, i  # the previous release went first
+            ticket.release_soon(f"s:{i}")
+        holder = await a.enter("k", max_waiting=5)
+        assert holder.handoff == "s:19"
+        waiter = await b.enter("k", max_waiting=5)
+        holder.release_soon("s:20")
+        await waiter.granted(2)
+        assert waiter.handoff == "s:20"
+        waiter.release_soon()
+    assert "could not release" not in caplog.text

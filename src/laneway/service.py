@@ -296,7 +296,7 @@ class TurnService:
                 del self._batches[key]
             # The state this replica holds is the one its successor will find, unless
             # something failed in doubt (then the store has forgotten it: no note).
-            await ticket.release(self.store.mark(turn.ref) if turn.started else None)
+            ticket.release_soon(self.store.mark(turn.ref) if turn.started else None)
             names = self._names.pop(turn.id, [])
             if names and outcome not in ("ok", "interrupted"):
                 with contextlib.suppress(LanewayError):

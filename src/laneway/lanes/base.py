@@ -73,6 +73,11 @@ class Ticket(Protocol):
         `on_lost` (they close over the turn, which holds the ticket: a cycle that only the
         collector could free otherwise). Idempotent."""
 
+    def release_soon(self, handoff: str | None = None) -> None:
+        """`release` without waiting for its answer (a turn's reply need not wait for the
+        lane service): under way when this returns, so ahead of any later call of this
+        process to the lanes, and its outcome handled when it comes."""
+
     def secure(self) -> bool:
         """Whether the holder can be sure it still holds the lane (checked before a
         commit; the fence still guards the store if the answer comes too late)."""

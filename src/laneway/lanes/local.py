@@ -81,6 +81,9 @@ class LocalTicket:
         return self._lane.holder is self
 
     async def release(self, handoff: str | None = None) -> None:
+        self.release_soon()
+
+    def release_soon(self, handoff: str | None = None) -> None:
         if self._done:
             return
         self._done = True

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy, Unavailable
 from laneway.lanes.base import LaneInfo
@@ -261,24 +262,22 @@ class RedisTicket:
         return not self.lost and age < self._lanes.lease_ms / 1000 * 0.8
 
     async def release(self, handoff: str | None = None) -> None:
-        if self._done:
-            return
+        if not self._done:
+            await self._lanes._send_release(*self._leave(handoff))
+
+    def release_soon(self, handoff: str | None = None) -> None:
+        if not self._done:
+            self._lanes._release_soon(*self._leave(handoff))
+
+    def _leave(self, handoff: str | None) -> tuple[str, list[str], list[Any]]:
+        """Mark the ticket done and give the release script's key and arguments."""
         self._done = True
         self.on_interrupt = self.on_lost = None
         lanes = self._lanes
         lanes._tickets.pop(self.id, None)
-        try:
-            granted = await lanes._eval(
-                lanes._release,
-                [lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence",
-                 lanes._n(self.key)],
-                [self.id, lanes.lease_ms, _now_ms(), lanes.prefix, handoff or "", _NOTE_TTL_MS],
-            )
-        except Unavailable:
-            logger.warning("could not release %s: its lease will run out", self.key)
-            return
-        if granted:  # the next ticket may be this replica's: no need to wait for the message
-            lanes._granted(granted[0], int(granted[1]), granted[2] or None)
+        keys = [lanes._q(self.key), lanes._h(self.key), lanes.prefix + "fence", lanes._n(self.key)]
+        return self.key, keys, [self.id, lanes.lease_ms, _now_ms(), lanes.prefix, handoff or "",
+                                _NOTE_TTL_MS]
 
 
 class RedisLanes:
@@ -310,6 +309,8 @@ class RedisLanes:
         #: by the heartbeat.
         self._early: dict[str, tuple[int, str | None, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Releases on their way (`release_soon`): their replies, or the tasks sending them.
+        self._releasing: set[asyncio.Future[Any]] = set()
         self._closing = False
         self._alive_ok = time.monotonic()
 
@@ -325,6 +326,8 @@ class RedisLanes:
         cancellation that lands inside redis-py may come back out as a `RedisError`,
         which they would otherwise take for an outage and retry."""
         self._closing = True
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=2.0)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -404,6 +407,45 @@ class RedisLanes:
                 keys.add(name[len(self.prefix) + 2 :])
         infos = [await self.info(key) for key in sorted(keys)]
         return [info for info in infos if info is not None]
+
+    # -- releasing -----------------------------------------------------------------------
+
+    async def _send_release(self, key: str, keys: list[str], args: list[Any]) -> None:
+        try:
+            granted = await self._eval(self._release, keys, args)
+        except Unavailable:
+            logger.warning("could not release %s: its lease will run out", key)
+            return
+        if granted:  # the next ticket may be this replica's: no need to wait for the message
+            self._granted(granted[0], int(granted[1]), granted[2] or None)
+
+    def _release_soon(self, key: str, keys: list[str], args: list[Any]) -> None:
+        """Send the release on the lean client's connection at once (ahead of any later
+        call of this replica) and handle its reply when it comes; with no such connection
+        ready, a task releases."""
+        reply = self._fast.evalsha_now(self._release.sha, keys, args) if self._fast else None
+        if reply is None:
+            self._release_in_task(key, keys, args)
+            return
+        self._releasing.add(reply)
+        reply.add_done_callback(functools.partial(self._released, key, keys, args))
+
+    def _released(self, key: str, keys: list[str], args: list[Any], reply: asyncio.Future[Any]
+                  ) -> None:
+        self._releasing.discard(reply)
+        error = reply.exception() if not reply.cancelled() else None
+        granted = None if reply.cancelled() or error is not None else reply.result()
+        if isinstance(granted, ResponseError) and str(granted).startswith("NOSCRIPT"):
+            self._release_in_task(key, keys, args)  # Redis restarted: `_eval` sends the script
+        elif reply.cancelled() or error is not None or isinstance(granted, ResponseError):
+            logger.warning("could not release %s: its lease will run out", key)
+        elif granted:
+            self._granted(granted[0], int(granted[1]), granted[2] or None)
+
+    def _release_in_task(self, key: str, keys: list[str], args: list[Any]) -> None:
+        task = asyncio.ensure_future(self._send_release(key, keys, args))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     # -- helpers -------------------------------------------------------------------------
 

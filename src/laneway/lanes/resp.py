@@ -141,6 +141,16 @@ class RespClient:
                 raise
             return await self._call("EVAL", script, len(keys), *keys, *args)
 
+    def evalsha_now(self, sha: str, keys: list[str], args: list[Any]) -> asyncio.Future[Reply] | None:
+        """Send the script call at once and return the future of its reply (an error reply
+        is its value, NOSCRIPT included: then call `evalsha`); None when there is no live
+        connection to send it on. Sent before this returns, it reaches Redis before any
+        later call of this client."""
+        proto = self._proto
+        if proto is None or proto.lost or proto.transport is None:
+            return None
+        return self._queue(proto, _encode(("EVALSHA", sha, len(keys), *keys, *args)))
+
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
@@ -161,13 +171,16 @@ class RespClient:
         return reply
 
     async def _send(self, proto: _Protocol, data: bytes) -> Reply:
+        return await self._queue(proto, data)
+
+    def _queue(self, proto: _Protocol, data: bytes) -> asyncio.Future[Reply]:
         """No timer per call (it cost a quarter of the call): `_watch` times them all."""
         assert proto.transport is not None
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         proto.waiting.append(future)
         proto.sent.append(time.monotonic())
         proto.transport.write(data)
-        return await future
+        return future
 
     async def _watch(self) -> None:
         """Fail every call in flight when the oldest has waited past the timeout (its reply
