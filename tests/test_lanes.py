@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy
 from laneway.lanes import LaneBackend, open_lanes
 from laneway.lanes.local import LocalLanes
+from laneway.lanes.redis import RedisLanes
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -389,3 +390,15 @@ async def test_redis_release_soon_frees_the_lane_ahead_of_the_next_call(
         assert waiter.handoff == "s:20"
         waiter.release_soon()
     assert "could not release" not in caplog.text
+
+
+async def test_redis_grant_messages_with_and_without_a_note() -> None:
+    """A grant published by a replica of a build before the notes has no note field: it is
+    a grant without a note, not a message that stops the listener."""
+    lanes = RedisLanes(REDIS)
+    me = lanes.replica
+    lanes._dispatch(f"grant|{me}:1:0:turn_a|7|12:3")
+    lanes._dispatch(f"grant|{me}:2:0:turn_b|8")
+    assert {k: v[:2] for k, v in lanes._early.items()} == {
+        f"{me}:1:0:turn_a": (7, "12:3"), f"{me}:2:0:turn_b": (8, None)}
+    await lanes._redis.aclose()

@@ -487,8 +487,9 @@ class RedisLanes:
             return
         kind, _, rest = data.partition("|")
         if kind == "grant":
-            ticket_id, fence, note = rest.split("|")
-            self._granted(ticket_id, int(fence), note or None)
+            # A replica of a build before the notes sends no note: its grants carry none.
+            ticket_id, fence, *note = rest.split("|")
+            self._granted(ticket_id, int(fence), note[0] or None if note else None)
         elif kind == "interrupt":
             ticket = self._tickets.get(rest)
             if ticket is not None and ticket.on_interrupt is not None:
