@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 from openai import AsyncOpenAI
 from scripted_upstream import ScriptedUpstream
@@ -75,6 +76,14 @@ class Gateway:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    async def metrics(self) -> dict[str, float]:
+        """Every series of its `/metrics`: the name with its labels -> the value."""
+        async with aiohttp.ClientSession() as http:
+            async with http.get(self.url + "/metrics") as resp:
+                text = await resp.text()
+        return {name: float(value) for name, value in
+                (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -172,24 +172,12 @@ async def test_metrics_time_each_turns_store_calls(
 ) -> None:
     """A turn reads its session once and writes once: both calls land in
     `laneway_store_seconds`, with a sum that grows."""
-
-    async def store_series() -> dict[str, float]:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(gateway.url + "/metrics") as resp:
-                text = await resp.text()
-        series = {}
-        for line in text.splitlines():
-            if line.startswith("laneway_store_seconds_"):
-                name, value = line.rsplit(" ", 1)
-                series[name] = float(value)
-        return series
-
-    before = await store_series()
+    before = await gateway.metrics()
     await client.chat.completions.create(
         model="default", messages=[{"role": "user", "content": "hello"}],
         extra_headers={"x-laneway-session-key": conv},
     )
-    after = await store_series()
+    after = await gateway.metrics()
     for op in ("load", "commit"):
         count = f'laneway_store_seconds_count{{op="{op}"}}'
         assert after[count] == before.get(count, 0) + 1, op

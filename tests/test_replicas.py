@@ -132,15 +132,6 @@ async def test_queue_spans_replicas_in_order(cluster: list[Gateway], upstream: S
     assert session["turns"] == 5 and session["status"] == "idle"
 
 
-async def _session_loads(gateway: Gateway) -> dict[str, float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(gateway.url + "/metrics") as resp:
-            text = await resp.text()
-    return {source: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            for source in ("cache", "store")
-            if line.startswith(f'laneway_session_loads_total{{source="{source}"}}')}
-
-
 async def test_a_replica_reuses_what_it_holds_only_when_the_lane_says_it_is_current(
     cluster: list[Gateway], upstream: ScriptedUpstream, conv: str
 ) -> None:
@@ -150,14 +141,15 @@ async def test_a_replica_reuses_what_it_holds_only_when_the_lane_says_it_is_curr
     headers = {"x-laneway-session-key": conv}
     route = [0, 0, 1, 0, 2, 2, 2, 0, 1]
     sent: list[str] = []
-    before = [await _session_loads(replica) for replica in cluster]
+    before = [await replica.metrics() for replica in cluster]
     for i, replica in enumerate(route):
         sent.append(f"m{i}")
         status, _, reply = await _post(cluster[replica], _body(conv, f"m{i}"), headers)
         assert status == 200, reply
         assert _seen(reply) == sent
-    after = [await _session_loads(replica) for replica in cluster]
-    gained = [{k: after[r][k] - before[r][k] for k in ("cache", "store")} for r in range(3)]
+    after = [await replica.metrics() for replica in cluster]
+    series = {k: f'laneway_session_loads_total{{source="{k}"}}' for k in ("cache", "store")}
+    gained = [{k: after[r][s] - before[r][s] for k, s in series.items()} for r in range(3)]
     # From the cache: the turns that followed one on the same replica (the 2nd, 6th, 7th).
     assert [g["cache"] for g in gained] == [1, 0, 2], gained
     assert [g["store"] for g in gained] == [3, 2, 1], gained

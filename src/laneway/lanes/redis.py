@@ -433,11 +433,10 @@ class RedisLanes:
     def _released(self, key: str, keys: list[str], args: list[Any], reply: asyncio.Future[Any]
                   ) -> None:
         self._releasing.discard(reply)
-        error = reply.exception() if not reply.cancelled() else None
-        granted = None if reply.cancelled() or error is not None else reply.result()
+        granted = None if reply.cancelled() or reply.exception() else reply.result()
         if isinstance(granted, ResponseError) and str(granted).startswith("NOSCRIPT"):
             self._release_in_task(key, keys, args)  # Redis restarted: `_eval` sends the script
-        elif reply.cancelled() or error is not None or isinstance(granted, ResponseError):
+        elif granted is None or isinstance(granted, ResponseError):
             logger.warning("could not release %s: its lease will run out", key)
         elif granted:
             self._granted(granted[0], int(granted[1]), granted[2] or None)
