@@ -8,7 +8,8 @@ dumped before and after `--requests` requests at concurrency 1, one session key 
 requests, against the scripted upstream with no delay. With `--queued N`, N requests are in
 flight at once, all on one key: every turn waits in the lane and is handed it.
 
-    python -m benchmarks.instructions [--requests 300] [--stream [--pace MS]] [--queued N]
+    python -m benchmarks.instructions [--targets bare,laneway,laneway-pg-redis]
+                                      [--requests 300] [--stream [--pace MS]] [--queued N]
                                       [--laneway-src DIR] [--keep DIR]
 
 `--pace MS` has the model stream its reply one chunk per write, MS apart, as a model whose
@@ -36,6 +37,7 @@ import orjson
 
 from benchmarks.loadgen import Job
 from benchmarks.procs import Proc, Procs, free_port, wait_http
+from benchmarks.targets import Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,8 +68,12 @@ def main() -> None:
             wait_http(upstream, base + "/v1/models")
             loadgen = procs.spawn("loadgen", [sys.executable, "-m", "benchmarks.loadgen"],
                                   env={"PYTHONPATH": str(ROOT)}, pipe=True)
+            launcher = Launcher(procs, Path(tmp), base, ROOT)
             for target in args.targets.split(","):
-                count = measure(procs, loadgen, target, base, Path(tmp), args)
+                try:
+                    count = measure(procs, loadgen, target, launcher, Path(tmp), args)
+                finally:
+                    launcher.cleanup()
                 how = f"{args.queued} queued on one key" if args.queued else "c1"
                 kind = "stream" if args.stream else "plain"
                 kind += f", paced {args.pace:g} ms" if args.pace else ""
@@ -77,21 +83,24 @@ def main() -> None:
             procs.stop_all()
 
 
-def measure(procs: Procs, loadgen: Proc, target: str, upstream: str, tmp: Path,
+def measure(procs: Procs, loadgen: Proc, target: str, launcher: Launcher, tmp: Path,
             args: argparse.Namespace) -> float:
     port = free_port()
+    upstream = launcher.upstream
     env = {"PYTHONPATH": str(ROOT)}
     if target == "bare":
         argv = [sys.executable, "-m", "benchmarks.passthrough", "--upstream", upstream,
                 "--port", str(port)]
-    elif target == "laneway":
+    elif target in ("laneway", "laneway-pg-redis"):
         argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
-                "--data-dir", str(tmp / "data"), "--upstream", upstream + "/v1",
+                "--data-dir", str(tmp / target), "--upstream", upstream + "/v1",
                 "--upstream-model", "bench", "--log-level", "warning"]
+        if target == "laneway-pg-redis":
+            argv += launcher.distributed()
         if args.laneway_src:
             env["PYTHONPATH"] = f"{args.laneway_src.resolve()}:{ROOT}"
     else:
-        raise SystemExit(f"unknown target {target!r}: bare or laneway")
+        raise SystemExit(f"unknown target {target!r}: bare, laneway or laneway-pg-redis")
     out = tmp / f"callgrind-{target}"
     server = procs.spawn(target, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                                   "--compress-strings=no", *argv], env=env)

@@ -92,14 +92,8 @@ class Launcher:
             src = self.base_src if name == "laneway-base" else None
             return self.laneway(label, self.workdir / label, src=src)
         if name in ("laneway-pg-redis", "laneway-pg-redis-base"):
-            database = f"laneway_bench_{secrets.token_hex(4)}"
-            _postgres(f"CREATE DATABASE {database}")
-            self.databases.append(database)
-            extra = ["--store", f"postgresql://postgres@127.0.0.1:5432/{database}",
-                     "--lanes", f"{REDIS}?prefix={self.redis_prefix}"]
-            self.redis_used = True
             src = self.base_src if name.endswith("-base") else None
-            server = self.laneway(label, self.workdir / label, extra, src=src)
+            server = self.laneway(label, self.workdir / label, self.distributed(), src=src)
             server.services = roots(SERVICES)
             server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
             return server
@@ -113,6 +107,16 @@ class Launcher:
             proc = self.procs.spawn(label, argv, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"})
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc), timeout_s=120)
         raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
+
+    def distributed(self) -> list[str]:
+        """`laneway serve`'s options for the distributed backend: a new database (dropped by
+        `cleanup`) and this run's Redis key prefix."""
+        database = f"laneway_bench_{secrets.token_hex(4)}"
+        _postgres(f"CREATE DATABASE {database}")
+        self.databases.append(database)
+        self.redis_used = True
+        return ["--store", f"postgresql://postgres@127.0.0.1:5432/{database}",
+                "--lanes", f"{REDIS}?prefix={self.redis_prefix}"]
 
     def laneway(
         self, label: str, data_dir: Path, extra: list[str] | None = None, src: Path | None = None

@@ -83,6 +83,37 @@ async def test_commit_creates_then_appends(store: SqlStore) -> None:
     assert await store.turn(SessionRef("other", "default", "k"), "turn_2") is None
 
 
+async def test_turns_of_every_length_commit_whole_and_in_order(db_url: str) -> None:
+    """A turn of 1 to 19 messages (PostgreSQL writes up to 16 as scalar parameters, longer
+    ones as arrays): each lands whole, in order, and a stale one of either kind writes
+    nothing."""
+    a, b = SqlStore(db_url, exclusive=False), SqlStore(db_url, exclusive=False)
+    await a.open()
+    await b.open()
+    ref = SessionRef("t", "default", "lengths")
+    state = await a.load(ref, fence=1, window_tokens=100_000)
+    expected: list[str] = []
+    for n in range(1, 20):
+        turn = _turn(n)
+        turn.messages = [{"role": "user", "content": f"{n}.{i}"} for i in range(n)]
+        await a.commit(state, turn, fence=1)
+        expected += [f"{n}.{i}" for i in range(n)]
+    assert state.next_seq == len(expected) == 190
+    assert [m["content"] for m in await b.transcript(ref, 500)] == expected
+    for n in (2, 18):
+        zombie = await a.load(ref, fence=n, window_tokens=100_000)
+        fresh = await b.load(ref, fence=n + 1, window_tokens=100_000)
+        stale = _turn(f"stale{n}")
+        stale.messages = [{"role": "user", "content": "lost"}] * n
+        with pytest.raises(StaleFence):
+            await a.commit(zombie, stale, fence=n)
+        await b.commit(fresh, _turn(f"fresh{n}", f"after {n}"), fence=n + 1)
+        expected += [f"after {n}", f"re after {n}"]
+    assert [m["content"] for m in await b.transcript(ref, 500)] == expected
+    await a.close()
+    await b.close()
+
+
 async def test_stale_fence_writes_nothing(db_url: str) -> None:
     """Two stores on one database (two replicas). A holder whose lease expired while it was
     paused (the zombie) cannot write once a newer holder has claimed the session, even if

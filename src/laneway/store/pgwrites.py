@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
+import orjson
 
 from laneway.store.base import StaleFence
 from laneway.store.driver import TurnWrite, settle
@@ -25,33 +26,45 @@ from laneway.store.driver import TurnWrite, settle
 # A turn's whole write in one statement (one round trip, atomic): the session row is
 # advanced only if it still carries this holder's fence and the revision the turn read, and
 # every insert reads from that update, so a stale holder writes nothing and gets 0.
-_COMMIT_TURN = """
+_ADVANCE = """
 WITH s AS (
   UPDATE sessions SET updated_at = $1, revision = revision + 1, next_seq = next_seq + $2,
-         turns = turns + 1, fence = $3, has_memories = has_memories OR $19
-  WHERE id = $4 AND fence <= $3 AND revision = $22 RETURNING id
+         turns = turns + 1, fence = $3, has_memories = has_memories OR $6
+  WHERE id = $4 AND fence <= $3 AND revision = $5 RETURNING id
 ), t AS (
   INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,
                      queue_wait_ms, usage, response, idempotency_key)
-  SELECT $5, s.id, $6, $7, $8, $9, $10, $11, $12, $13 FROM s
-), m AS (
+  SELECT $7, s.id, $8, $9, $10, $11, $12, $13, $14, $15 FROM s
+)"""
+_FIXED = 15  # the parameters of `_ADVANCE`
+_MESSAGES = """, m AS (
   INSERT INTO messages (session_id, seq, turn_id, data, tokens)
-  SELECT s.id, x.seq, $5, x.data, x.tokens
-  FROM s, unnest($14::integer[], $15::text[], $16::integer[]) AS x(seq, data, tokens)
-), mem AS (
-  INSERT INTO memories (tenant, agent, session_id, text, pinned, created_at)
-  SELECT $17, $18, CASE WHEN $19 THEN s.id END, y.text, y.pinned, $1
-  FROM s, unnest($20::text[], $21::boolean[]) AS y(text, pinned)
-)
-SELECT count(*) FROM s
-"""
+  SELECT s.id, x.seq, $7, x.data, x.tokens FROM s, (VALUES {rows}) AS x(seq, data, tokens)
+)"""
+#: A turn's messages go as scalar parameters, not arrays: asyncpg checks each element of an
+#: array against three abstract base classes and escapes text arrays character by character.
+#: Turns with more messages, or with memories (both rare), take the batched statement.
+_INLINE = 16
+
+
+def _commit_turn(messages: int) -> str:
+    rows = ", ".join(f"(${_FIXED + 3 * i + 1}::integer, ${_FIXED + 3 * i + 2}::text, "
+                     f"${_FIXED + 3 * i + 3}::integer)" for i in range(messages))
+    return _ADVANCE + (_MESSAGES.format(rows=rows) if messages else "") + "\nSELECT count(*) FROM s"
+
+
+_COMMIT_TURN = [_commit_turn(n) for n in range(_INLINE + 1)]
+
 # Several turns (of different sessions) in one statement: the same conditions per session;
 # each insert keeps the rows of the sessions that advanced. Returns those sessions' ids.
+# Each table's rows come as one JSON array of the dicts a `TurnWrite` holds (keys named as
+# the columns): orjson writes it in microseconds, where arrays cost asyncpg a check of every
+# element against abstract base classes (0.044 against 0.027 ms of client CPU a turn, in
+# statements of 8, with the same server CPU).
 _COMMIT_TURNS = """
 WITH u AS (
-  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::integer[], $4::integer[],
-                       $5::float8[], $6::boolean[])
-    AS u(sid, fence, revision, added, now, memories)
+  SELECT * FROM json_to_recordset($1::json)
+    AS u(sid bigint, fence bigint, revision integer, added integer, now float8, memories boolean)
 ), s AS (
   UPDATE sessions SET updated_at = u.now, revision = sessions.revision + 1,
          next_seq = sessions.next_seq + u.added, turns = sessions.turns + 1, fence = u.fence,
@@ -62,36 +75,29 @@ WITH u AS (
 ), t AS (
   INSERT INTO turns (id, session_id, status, created_at, started_at, finished_at,
                      queue_wait_ms, usage, response, idempotency_key)
-  SELECT x.id, x.sid, x.status, x.created_at, x.started_at, x.finished_at, x.queue_wait_ms,
-         x.usage, x.response, x.idempotency_key
-  FROM unnest($7::text[], $8::bigint[], $9::text[], $10::float8[], $11::float8[],
-              $12::float8[], $13::float8[], $14::text[], $15::text[], $16::text[])
-    AS x(id, sid, status, created_at, started_at, finished_at, queue_wait_ms, usage, response,
-         idempotency_key)
-  WHERE x.sid IN (SELECT id FROM s)
+  SELECT x.id, x.session_id, x.status, x.created_at, x.started_at, x.finished_at,
+         x.queue_wait_ms, x.usage, x.response, x.idempotency_key
+  FROM json_to_recordset($2::json)
+    AS x(id text, session_id bigint, status text, created_at float8, started_at float8,
+         finished_at float8, queue_wait_ms float8, usage text, response text,
+         idempotency_key text)
+  WHERE x.session_id IN (SELECT id FROM s)
 ), m AS (
   INSERT INTO messages (session_id, seq, turn_id, data, tokens)
-  SELECT y.sid, y.seq, y.turn_id, y.data, y.tokens
-  FROM unnest($17::bigint[], $18::integer[], $19::text[], $20::text[], $21::integer[])
-    AS y(sid, seq, turn_id, data, tokens)
-  WHERE y.sid IN (SELECT id FROM s)
+  SELECT y.session_id, y.seq, y.turn_id, y.data, y.tokens
+  FROM json_to_recordset($3::json)
+    AS y(session_id bigint, seq integer, turn_id text, data text, tokens integer)
+  WHERE y.session_id IN (SELECT id FROM s)
 ), mem AS (
   INSERT INTO memories (tenant, agent, session_id, text, pinned, created_at)
   SELECT z.tenant, z.agent, z.session_id, z.text, z.pinned, z.created_at
-  FROM unnest($22::bigint[], $23::text[], $24::text[], $25::bigint[], $26::text[],
-              $27::boolean[], $28::float8[])
-    AS z(owner, tenant, agent, session_id, text, pinned, created_at)
+  FROM json_to_recordset($4::json)
+    AS z(owner bigint, tenant text, agent text, session_id bigint, text text, pinned boolean,
+         created_at float8)
   WHERE z.owner IN (SELECT id FROM s)
 )
 SELECT coalesce(array_agg(id), '{}') FROM s
 """
-
-# The columns of `_COMMIT_TURNS`' arrays, in its order, by their keys in a `TurnWrite`.
-_SESSION = ("sid", "fence", "revision", "added", "now", "memories")
-_TURN = ("id", "session_id", "status", "created_at", "started_at", "finished_at",
-         "queue_wait_ms", "usage", "response", "idempotency_key")
-_MESSAGE = ("session_id", "seq", "turn_id", "data", "tokens")
-_MEMORY = ("tenant", "agent", "session_id", "text", "pinned", "created_at")  # after the owner
 
 Connect = Callable[[], AbstractAsyncContextManager[Any]]
 _Waiting = tuple[TurnWrite, "asyncio.Future[None]"]
@@ -177,37 +183,32 @@ class GroupWriter:
             self._start_next()
 
     async def _write_one(self, write: TurnWrite) -> bool:
-        session, turn, messages, memories = write.session, write.turn, write.messages, write.memories
+        session, turn, messages = write.session, write.turn, write.messages
+        if write.memories or len(messages) > _INLINE:
+            return session["sid"] in await self._write_many([write])
+        args = [session["now"], session["added"], session["fence"], session["sid"],
+                session["revision"], session["memories"], turn["id"], turn["status"],
+                turn["created_at"], turn["started_at"], turn["finished_at"],
+                turn["queue_wait_ms"], turn["usage"], turn["response"], turn["idempotency_key"]]
+        for m in messages:
+            args += (m["seq"], m["data"], m["tokens"])
         async with self._connect() as conn:
-            written: int = await conn.raw.fetchval(
-                _COMMIT_TURN,
-                session["now"], session["added"], session["fence"], session["sid"],
-                turn["id"], turn["status"], turn["created_at"], turn["started_at"],
-                turn["finished_at"], turn["queue_wait_ms"], turn["usage"], turn["response"],
-                turn["idempotency_key"],
-                [m["seq"] for m in messages], [m["data"] for m in messages],
-                [m["tokens"] for m in messages],
-                memories[0]["tenant"] if memories else "", memories[0]["agent"] if memories else "",
-                session["memories"], [m["text"] for m in memories], [m["pinned"] for m in memories],
-                session["revision"],
-            )
+            written: int = await conn.raw.fetchval(_COMMIT_TURN[len(messages)], *args)
         return written == 1
 
     async def _write_many(self, writes: list[TurnWrite]) -> set[int]:
-        memories = [(w.session["sid"], m) for w in writes for m in w.memories]
-        columns = (
-            _columns([w.session for w in writes], _SESSION)
-            + _columns([w.turn for w in writes], _TURN)
-            + _columns([m for w in writes for m in w.messages], _MESSAGE)
-            + [[owner for owner, _ in memories]]
-            + _columns([m for _, m in memories], _MEMORY)
+        rows = (
+            [w.session for w in writes],
+            [w.turn for w in writes],
+            [m for w in writes for m in w.messages],
+            [{"owner": w.session["sid"], **m} for w in writes for m in w.memories],
         )
         async with self._connect() as conn:
-            return set(await conn.raw.fetchval(_COMMIT_TURNS, *columns))
+            return set(await conn.raw.fetchval(_COMMIT_TURNS, *map(_json, rows)))
 
 
-def _columns(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[Any]]:
-    return [[row[key] for row in rows] for key in keys]
+def _json(rows: list[dict[str, Any]]) -> str:
+    return orjson.dumps(rows).decode()
 
 
 def _stale() -> StaleFence:
