@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from laneway.errors import QueueFull, QueueTimeout, SessionBusy, Unavailable
+from laneway.lanes import redis_scripts as scripts
 from laneway.lanes.base import LaneInfo
 from laneway.lanes.resp import RespClient
 
@@ -47,148 +48,6 @@ T = TypeVar("T")
 #: A hand-off note outlives its lane's last turn this long: past it, the next turn claims
 #: the session from the store, as it would with no note.
 _NOTE_TTL_MS = 3_600_000
-
-# grant_next(queue, holder, fence_key, note_key, prefix, lease_ms, now_ms): give the lane
-# to the oldest waiting ticket whose replica is alive, with the hand-off note, and tell
-# that replica. Every grant takes the note, so a lane whose holder crashed passes none on.
-_GRANT_NEXT = """
--- Fences follow the Redis server's clock in microseconds when the counter lags it, so
--- they keep growing even after a restart of a Redis that persists nothing.
-local function next_fence(key)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local fence = redis.call('INCR', key)
-  if fence < now then
-    redis.call('SET', key, now)
-    fence = now
-  end
-  return fence
-end
-local function take_note(key)
-  local note = redis.call('GET', key)
-  if not note then return '' end
-  redis.call('DEL', key)
-  return note
-end
-local function grant_next(queue, holder, fence_key, note_key, prefix, lease, now)
-  while true do
-    local head = redis.call('ZRANGE', queue, 0, 0)[1]
-    if not head then return false end
-    redis.call('ZREM', queue, head)
-    local replica = string.match(head, '^([^:]+):')
-    if redis.call('EXISTS', prefix .. 'alive:' .. replica) == 1 then
-      local fence = next_fence(fence_key)
-      local f = string.format('%d', fence)
-      local note = take_note(note_key)
-      redis.call('SET', holder, head .. '|' .. f .. '|' .. now, 'PX', lease)
-      redis.call('PUBLISH', prefix .. 'r:' .. replica, 'grant|' .. head .. '|' .. f .. '|' .. note)
-      return head, f, note
-    end
-  end
-end
-local function holds(holder, ticket)
-  return holder and string.sub(holder, 1, #ticket + 1) == ticket .. '|'
-end
-"""
-
-# KEYS: queue, holder, seq, fence, note. ARGV: replica, owner, max_waiting, lease_ms,
-# now_ms, queue_ttl_ms, prefix. Returns {ticket, position (-1: no room), fence or waiting,
-# note}.
-_ENTER = _GRANT_NEXT + """
-local seq = redis.call('INCR', KEYS[3])
-local ticket = ARGV[1] .. ':' .. seq .. ':' .. ARGV[5] .. ':' .. ARGV[2]
-local holder = redis.call('GET', KEYS[2])
-if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  -- the holder's lease ran out (crashed replica) while tickets waited: they go first
-  grant_next(KEYS[1], KEYS[2], KEYS[4], KEYS[5], ARGV[7], ARGV[4], ARGV[5])
-  holder = redis.call('GET', KEYS[2])
-end
-if not holder then
-  local fence = next_fence(KEYS[4])
-  redis.call('SET', KEYS[2], ticket .. '|' .. string.format('%d', fence) .. '|' .. ARGV[5],
-             'PX', ARGV[4])
-  return {ticket, 0, fence, take_note(KEYS[5])}
-end
-local waiting = redis.call('ZCARD', KEYS[1])
-if waiting >= tonumber(ARGV[3]) then return {'', -1, waiting, ''} end
-redis.call('ZADD', KEYS[1], seq, ticket)
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-return {ticket, waiting + 1, 0, ''}
-"""
-
-# KEYS: queue, holder, fence, note. ARGV: ticket, lease_ms, now_ms, prefix, note,
-# note_ttl_ms. Frees the lane if the ticket holds it, leaving its note (if not empty) for
-# the next grant, else takes the ticket out of the queue. Returns {ticket, fence, note} of
-# a grant it made (the releasing replica may hold that ticket: it grants it at once instead
-# of waiting for its own notification), else {}.
-_RELEASE = _GRANT_NEXT + """
-local holder = redis.call('GET', KEYS[2])
-if holds(holder, ARGV[1]) then
-  redis.call('DEL', KEYS[2])
-  if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6]) end
-  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
-                                       ARGV[3])
-  if head then return {head, fence, note} end
-  return {}
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
-                                       ARGV[3])
-  if head then return {head, fence, note} end
-end
-return {}
-"""
-
-# KEYS: queue, holder, fence, note. ARGV: ticket, lease_ms, now_ms, prefix.
-# A waiter's safety net: {1, fence, note} if it holds the lane (granting it if the lane is
-# free and it is next; the note only then, as a grant made elsewhere sent it already),
-# {0, tickets ahead} if it waits, {-1} if it was dropped.
-_CHECK = _GRANT_NEXT + """
-local holder = redis.call('GET', KEYS[2])
-if not holder and redis.call('ZCARD', KEYS[1]) > 0 then
-  local head, fence, note = grant_next(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[4], ARGV[2],
-                                       ARGV[3])
-  if head == ARGV[1] then return {1, tonumber(fence), note} end
-  holder = redis.call('GET', KEYS[2])
-end
-if holds(holder, ARGV[1]) then
-  return {1, tonumber(string.match(holder, '|(%d+)|')), ''}
-end
-local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
-if not rank then return {-1, 0} end
-if holder then rank = rank + 1 end
-return {0, rank}
-"""
-
-# KEYS: holder. ARGV: ticket, lease_ms. 1 if renewed, 0 if the lane is no longer held.
-_RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder and string.sub(holder, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-
-# KEYS: claim. ARGV: replica|turn_id, ttl_ms, prefix. Returns the other live claimant's
-# turn id, or nil once the claim is ours (a dead replica's claim is taken over).
-_CLAIM = """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then
-  local replica, turn = string.match(current, '^([^|]+)|(.*)$')
-  if redis.call('EXISTS', ARGV[3] .. 'alive:' .. replica) == 1 then return turn end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"""
-
-# KEYS: claim. ARGV: replica|turn_id. Deletes the claim only if it is still this one.
-_UNCLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -296,12 +155,12 @@ class RedisLanes:
         self._redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         # The scripts every turn runs go through the lean client when it can speak the URL.
         self._fast = RespClient(self.url) if self.url.startswith("redis://") else None
-        self._enter = self._redis.register_script(_ENTER)
-        self._release = self._redis.register_script(_RELEASE)
-        self._check = self._redis.register_script(_CHECK)
-        self._renew = self._redis.register_script(_RENEW)
-        self._claim = self._redis.register_script(_CLAIM)
-        self._unclaim = self._redis.register_script(_UNCLAIM)
+        self._enter = self._redis.register_script(scripts.ENTER)
+        self._release = self._redis.register_script(scripts.RELEASE)
+        self._check = self._redis.register_script(scripts.CHECK)
+        self._renew = self._redis.register_script(scripts.RENEW)
+        self._claim = self._redis.register_script(scripts.CLAIM)
+        self._unclaim = self._redis.register_script(scripts.UNCLAIM)
         self._tickets: dict[str, RedisTicket] = {}
         #: Grants that arrived before `enter` registered their ticket: fence, note, when
         #: received.
@@ -449,7 +308,7 @@ class RedisLanes:
     # -- helpers -------------------------------------------------------------------------
 
     async def _check_ticket(self, ticket: RedisTicket) -> tuple[int, int, str | None]:
-        """The safety net's check: (state, fence or tickets ahead, note); see `_CHECK`."""
+        """The safety net's check: (state, fence or tickets ahead, note); see `scripts.CHECK`."""
         key = ticket.key
         result = await self._eval(
             self._check, [self._q(key), self._h(key), self.prefix + "fence", self._n(key)],
