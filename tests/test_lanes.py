@@ -334,6 +334,25 @@ async def test_redis_fences_keep_growing_after_redis_forgets_everything() -> Non
         await second.release()
 
 
+async def test_redis_a_release_that_overtakes_its_leases_renewal_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The heartbeat renews the leases it saw held; a turn may end and release on the lean
+    connection meanwhile, and that release may reach Redis first. The renewal then finds
+    the lane free: that is no lost lease (no warning, no `lost`). A lease that is gone
+    while its ticket still holds it is one."""
+    async with _two_replicas() as (a, _):
+        ended = await a.enter("k", max_waiting=5)
+        held = await a.enter("j", max_waiting=5)
+        ended.release_soon()
+        await asyncio.wait_for(asyncio.gather(*a._releasing), 2)
+        await a._redis.delete(a._h("j"))
+        await a._renew_leases([ended, held])
+        assert not ended.lost and held.lost
+        assert caplog.text.count("lost the lease") == 1 and "lost the lease of j" in caplog.text
+        await held.release()
+
+
 async def test_redis_passes_a_clean_releases_note_to_the_next_grant_only() -> None:
     """The note a holder releases with reaches the next grant, whether that ticket waits on
     another replica, on the same one, or arrives after the lane went idle; the grant takes

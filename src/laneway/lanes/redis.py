@@ -367,26 +367,34 @@ class RedisLanes:
         A lease not renewed in time is lost: its holder is told to stop."""
         while not self._closing:
             await asyncio.sleep(self.lease_ms / 5000)
-            held = [t for t in self._tickets.values()
-                    if t._future.done() and not t._done and not t.lost]
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.set(self._alive_key(), "1", px=self.lease_ms)
-                    for ticket in held:
-                        await self._renew(keys=[self._h(ticket.key)],
-                                          args=[ticket.id, self.lease_ms], client=pipe)
-                    results = await pipe.execute()
-            except (RedisError, OSError):
-                results = None
+            await self._renew_leases([t for t in self._tickets.values()
+                                      if t._future.done() and not t._done and not t.lost])
             now = time.monotonic()
             for ticket_id, (_, _, received) in list(self._early.items()):
                 if now - received > self.lease_ms / 1000:
                     del self._early[ticket_id]
-            for i, ticket in enumerate(held):
-                if results is not None and results[i + 1] == 1:
-                    ticket._renewed = now
-                elif results is not None or now - ticket._renewed > self.lease_ms / 1000 * 0.8:
-                    self._lose(ticket)
+
+    async def _renew_leases(self, held: list[RedisTicket]) -> None:
+        """Renew this replica's liveness and the leases of `held`. A ticket released while
+        its renewal was on its way (the release goes on another connection, so it may
+        arrive first) lost nothing: its turn is over."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(self._alive_key(), "1", px=self.lease_ms)
+                for ticket in held:
+                    await self._renew(keys=[self._h(ticket.key)],
+                                      args=[ticket.id, self.lease_ms], client=pipe)
+                results = await pipe.execute()
+        except (RedisError, OSError):
+            results = None
+        now = time.monotonic()
+        for i, ticket in enumerate(held):
+            if ticket._done:
+                continue
+            if results is not None and results[i + 1] == 1:
+                ticket._renewed = now
+            elif results is not None or now - ticket._renewed > self.lease_ms / 1000 * 0.8:
+                self._lose(ticket)
 
     def _lose(self, ticket: RedisTicket) -> None:
         logger.warning("lost the lease of %s", ticket.key)
