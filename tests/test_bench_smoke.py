@@ -109,15 +109,17 @@ def test_profile_summary(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_instruction_counts_run() -> None:
     """`benchmarks/instructions.py` counts under callgrind: a laneway turn costs more than
-    the bare relay, and both a sane amount (tens of thousands to tens of millions)."""
+    the bare relay, a turn through PostgreSQL and Redis more again, and each a sane amount
+    (tens of thousands to tens of millions)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", "--requests", "20"],
+        [sys.executable, "-m", "benchmarks.instructions", "--requests", "20",
+         "--targets", "bare,laneway,laneway-pg-redis"],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()}
-    assert set(counts) == {"bare", "laneway"}, proc.stdout
-    assert 0.05 < counts["bare"] < counts["laneway"] < 20, counts
+    assert set(counts) == {"bare", "laneway", "laneway-pg-redis"}, proc.stdout
+    assert 0.05 < counts["bare"] < counts["laneway"] < counts["laneway-pg-redis"] < 20, counts
 
 
 def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
