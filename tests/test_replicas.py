@@ -23,6 +23,8 @@ from conftest import (
 )
 from scripted_upstream import ScriptedUpstream
 
+from laneway.store.postgres import WRITERS
+
 REPEATS = 15
 CHAT = "/chat/completions"
 
@@ -174,8 +176,9 @@ async def test_collect_across_replicas_loses_nothing(cluster: list[Gateway], ups
 async def test_store_pool_size_bounds_postgres_connections(
     gateways: StartGateway, upstream: ScriptedUpstream
 ) -> None:
-    """`LANEWAY_STORE_POOL_SIZE` (`--store-pool-size`) is the most connections a replica
-    opens, however many turns run at once; turns beyond it wait for one, they do not fail."""
+    """`LANEWAY_STORE_POOL_SIZE` (`--store-pool-size`) bounds the pooled connections a
+    replica opens, however many turns run at once, and turn writes add `WRITERS` of their
+    own; turns beyond them wait for one, they do not fail."""
     with redis_prefix() as prefix, postgres_database() as db:
         gateway = gateways("--upstream", upstream.url, "--store", db,
                            "--lanes", f"{REDIS}?prefix={prefix}",
@@ -189,9 +192,11 @@ async def test_store_pool_size_bounds_postgres_connections(
             assert [status for status, _, _ in replies] == [200] * 16
             name = db.rsplit("/", 1)[1]
             admin = await asyncpg.connect(POSTGRES_ADMIN)
-            opened = await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name)
+            opened = dict(await admin.fetch(
+                "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = $1 "
+                "GROUP BY application_name", name))
             await admin.close()
-            assert 1 <= opened <= 2, opened
+            assert 1 <= opened.pop("laneway") <= 2, opened
+            assert 1 <= opened.pop("laneway-writes") <= WRITERS and not opened, opened
         finally:
             gateway.stop()

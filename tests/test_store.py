@@ -12,12 +12,15 @@ import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import postgres_database
+from conftest import POSTGRES_ADMIN, eventually, postgres_database
 from sqlalchemy.ext.asyncio import create_async_engine
+from tcp_proxy import TcpProxy
 
+from laneway.errors import Unavailable
 from laneway.store.base import MemoryScope, SessionRef, SessionState, StaleFence, TurnRecord
 from laneway.store.schema import metadata
 from laneway.store.sql import SqlStore, search_terms
@@ -292,6 +295,61 @@ async def test_postgres_writes_turns_that_finish_together_in_one_statement() -> 
         assert sorted(m.text for m in shared) == ["fact 3", "fact 4"]
         await a.close()
         await b.close()
+
+
+async def test_postgres_turn_writes_keep_their_connections_and_replace_lost_ones() -> None:
+    """Turn writes run on the writer's own connections, kept from one write to the next; a
+    statement's own error keeps its connection. With PostgreSQL unreachable a write and a
+    load are 503s; once it is back, both work again at once, the writer on a new connection.
+    Closing the store closes the writer's connections."""
+    with postgres_database() as url:
+        proxy = TcpProxy(5432).up()
+        try:
+            store = SqlStore(url.replace(":5432/", f":{proxy.port}/"), exclusive=False)
+            await store.open()
+            try:
+                state = await store.load(SessionRef("t", "default", "w"), fence=1, window_tokens=1000)
+                await store.commit(state, _turn(1, "one"), fence=1)
+                await store.commit(state, _turn(2, "two"), fence=1)
+                first = await _writer_pids(url)
+                assert len(first) == 1
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    await store.commit(state, _turn(2, "again"), fence=1)
+                assert await _writer_pids(url) == first
+                proxy.down()  # while no write runs: the next one does not find the dead connection
+                with pytest.raises(Unavailable):
+                    await store.load(state.ref, fence=2, window_tokens=1000)
+                proxy.up()
+                await store.commit(state, _turn(3, "three"), fence=1)
+                second = await _writer_pids(url)
+                assert len(second) == 1 and second != first
+                proxy.down()
+                with pytest.raises(Unavailable):
+                    await store.commit(state, _turn(4, "lost"), fence=1)
+                proxy.up()
+                state = await store.load(state.ref, fence=3, window_tokens=1000)
+                await store.commit(state, _turn(5, "five"), fence=3)
+                assert [m["content"] for m in await store.transcript(state.ref, 10)] == [
+                    "one", "re one", "two", "re two", "three", "re three", "five", "re five"]
+            finally:
+                await store.close()
+            await eventually(lambda: _no_writers(url))
+        finally:
+            proxy.close()
+
+
+async def _writer_pids(url: str) -> list[int]:
+    conn = await asyncpg.connect(POSTGRES_ADMIN)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                                "AND application_name = 'laneway-writes'", url.rsplit("/", 1)[1])
+    finally:
+        await conn.close()
+    return [r["pid"] for r in rows]
+
+
+async def _no_writers(url: str) -> bool:
+    return await _writer_pids(url) == []
 
 
 async def test_tail_is_bounded_and_reloads_a_window(store: SqlStore, db_url: str) -> None:

@@ -45,7 +45,8 @@ def serve(
         str | None, _opt("store", "sqlite:///PATH or postgresql://... (default: SQLite).")
     ] = None,
     store_pool_size: Annotated[
-        int | None, _opt("store-pool-size", "PostgreSQL connections per replica (8).")
+        int | None, _opt("store-pool-size",
+                          "Pooled PostgreSQL connections per replica (6); turn writes have 2 more.")
     ] = None,
     lanes: Annotated[str | None, _opt("lanes", "'local' or redis://HOST:PORT/DB.")] = None,
     lane_lease_s: Annotated[

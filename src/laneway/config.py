@@ -70,8 +70,8 @@ class Settings:
     upstream_model: str | None = None
     upstream_api_key: str | None = None
     store: str | None = None
-    #: PostgreSQL: connections per replica; None: the store's `POOL_SIZE` (8, whose comment
-    #: says why).
+    #: PostgreSQL: pooled connections per replica (turn writes have `WRITERS` more); None:
+    #: the store's `POOL_SIZE` (6, whose comment says why).
     store_pool_size: int | None = None
     lanes: str = "local"
     #: Redis lanes: how long a holder's lease lasts without renewal (a crashed replica's

@@ -6,7 +6,7 @@ statement."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -44,11 +44,13 @@ _RECALL_AGENT = _RECALL.format(owner="IS NULL")
 #: Waiting for a free pooled connection has no limit of its own (queries have one, 30 s),
 #: so a burst of load queues instead of failing.
 _CONNECT_S = 3.0
-#: Connections per replica by default (`--store-pool-size`): a turn holds one only for a
-#: statement. At 32 concurrent turns a pool of 20 served 7% fewer turns a second than one
-#: of 2-8: its turns went to more server processes, each slower to wake (see the README).
-POOL_SIZE = 8
-#: Turn-write statements in flight at once per replica (see `pgwrites`), within the pool.
+#: Pooled connections per replica by default (`--store-pool-size`), for reads and claims: a
+#: turn holds one only for a statement; turn writes have `WRITERS` connections of their own.
+#: At 32 concurrent turns a pool of 20 served 7% fewer turns a second than one of 2-8: its
+#: turns went to more server processes, each slower to wake (see the README).
+POOL_SIZE = 6
+#: Turn-write statements in flight at once per replica, each on a connection of its own
+#: (see `pgwrites`).
 WRITERS = 2
 
 
@@ -108,7 +110,7 @@ class PostgresDriver:
         self.dsn = "postgresql://" + url.split("://", 1)[1]
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
-        self._writer = GroupWriter(self.connect, min(WRITERS, pool_size))
+        self._writer = GroupWriter(self._open_writer, self._unavailable_when_down, WRITERS)
 
     async def open(self) -> None:
         engine = create_async_engine("postgresql+asyncpg://" + self.dsn.split("://", 1)[1])
@@ -119,11 +121,11 @@ class PostgresDriver:
             await engine.dispose()
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self._pool_size, command_timeout=30, timeout=_CONNECT_S,
-            connection_class=_Connection,
+            connection_class=_Connection, server_settings={"application_name": "laneway"},
         )
 
     async def close(self) -> None:
-        await self._writer.drain()
+        await self._writer.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -131,22 +133,24 @@ class PostgresDriver:
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        with self._unavailable_when_down():
-            async with self._pool.acquire() as raw:
-                yield PostgresConn(raw)
+        async with self._unavailable_when_down(), self._pool.acquire() as raw:
+            yield PostgresConn(raw)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConn]:
         assert self._pool is not None, "store is not open"
-        with self._unavailable_when_down():
-            async with self._pool.acquire() as raw, raw.transaction():
-                yield PostgresConn(raw)
+        async with self._unavailable_when_down(), self._pool.acquire() as raw, raw.transaction():
+            yield PostgresConn(raw)
 
     async def commit_turn(self, sql: Statements, write: TurnWrite) -> None:
         await self._writer.write(write)
 
-    @contextlib.contextmanager
-    def _unavailable_when_down(self) -> Iterator[None]:
+    async def _open_writer(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, command_timeout=30, timeout=_CONNECT_S,
+                                     server_settings={"application_name": "laneway-writes"})
+
+    @contextlib.asynccontextmanager
+    async def _unavailable_when_down(self) -> AsyncIterator[None]:
         """A lost or refused connection is a 503 (the transaction, if any, rolled back).
         The pool's other connections are likely dead too: replace them all, so service
         resumes at once when PostgreSQL is back."""
@@ -155,6 +159,6 @@ class PostgresDriver:
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError) as e:
             if self._pool is not None:
-                self._pool.expire_connections()
+                await self._pool.expire_connections()
             raise Unavailable(f"the store (PostgreSQL) is unreachable: {type(e).__name__}",
                               retry_after=1.0) from None
