@@ -88,8 +88,8 @@ async def test_commit_creates_then_appends(store: SqlStore) -> None:
 
 async def test_turns_of_every_length_commit_whole_and_in_order(db_url: str) -> None:
     """A turn of 1 to 19 messages (PostgreSQL writes up to 16 as scalar parameters, longer
-    ones as arrays): each lands whole, in order, and a stale one of either kind writes
-    nothing."""
+    ones as JSON in the batched statement): each lands whole, in order, and a stale one of
+    either kind writes nothing."""
     a, b = SqlStore(db_url, exclusive=False), SqlStore(db_url, exclusive=False)
     await a.open()
     await b.open()
