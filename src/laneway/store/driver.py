@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Dialect
 
-from laneway.store.base import MemoryScope
+from laneway.store.base import MemoryScope, StaleFence
 from laneway.store.statements import Sql, Statements
 
 Row = tuple[Any, ...]
@@ -36,6 +36,12 @@ def settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
     else:
         future.cancel()
+
+
+def stale_write() -> StaleFence:
+    """A turn write refused: its session no longer carries the writer's fence, or moved past
+    the revision the turn read."""
+    return StaleFence("the session was claimed by a newer lane grant or moved on")
 
 
 class Conn(Protocol):

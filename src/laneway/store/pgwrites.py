@@ -21,8 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from laneway.store.base import StaleFence
-from laneway.store.driver import TurnWrite, settle
+from laneway.store.driver import TurnWrite, settle, stale_write
 
 # A turn's whole write in one statement (one round trip, atomic): the session row is
 # advanced only if it still carries this holder's fence and the revision the turn read, and
@@ -140,7 +139,7 @@ class GroupWriter:
             self._writing -= 1
             self._start_next()
         if not written:
-            raise _stale()
+            raise stale_write()
 
     async def close(self) -> None:
         """Let the statements in flight finish, then close the connections."""
@@ -215,11 +214,11 @@ class GroupWriter:
                     pass  # one turn's own fault (a repeated turn id): below, one by one
                 else:
                     for write, future in batch:
-                        settle(future, None if write.session["sid"] in written else _stale())
+                        settle(future, None if write.session["sid"] in written else stale_write())
                     return
             for write, future in batch:
                 try:
-                    settle(future, None if await self._write_one(write) else _stale())
+                    settle(future, None if await self._write_one(write) else stale_write())
                 except Exception as e:
                     settle(future, e)
         except BaseException as e:
@@ -259,6 +258,3 @@ class GroupWriter:
 def _json(rows: list[dict[str, Any]]) -> str:
     return orjson.dumps(rows).decode()
 
-
-def _stale() -> StaleFence:
-    return StaleFence("the session was claimed by a newer lane grant or moved on")

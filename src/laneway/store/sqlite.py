@@ -38,8 +38,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from laneway.errors import Unavailable
-from laneway.store.base import MemoryScope, StaleFence
-from laneway.store.driver import Row, TurnWrite, settle
+from laneway.store.base import MemoryScope
+from laneway.store.driver import Row, TurnWrite, settle, stale_write
 from laneway.store.migrate import upgrade
 from laneway.store.statements import Sql, Statements
 
@@ -131,7 +131,7 @@ class SqliteDriver:
             self._wrote_now = True
             loop.call_soon(self._next_iteration)
             if self._write_all([(sql, write)])[0]:
-                raise _stale()
+                raise stale_write()
             return
         future = loop.create_future()
         if not self._pending:
@@ -160,7 +160,7 @@ class SqliteDriver:
                 return
             else:
                 for (_, _, future), is_stale in zip(batch, stale):
-                    settle(future, _stale() if is_stale else None)
+                    settle(future, stale_write() if is_stale else None)
                 return
         for sql, write, future in batch:
             try:
@@ -168,7 +168,7 @@ class SqliteDriver:
             except Exception as e:
                 settle(future, e)
             else:
-                settle(future, _stale() if one_stale else None)
+                settle(future, stale_write() if one_stale else None)
 
     def _write_all(self, writes: list[tuple[Statements, TurnWrite]]) -> list[bool]:
         """One transaction; a write whose session no longer carries its fence writes
@@ -250,10 +250,6 @@ def _connect(path: str, **options: Any) -> sqlite3.Connection:
 
 def _unavailable(error: sqlite3.OperationalError) -> Unavailable:
     return Unavailable(f"the store (SQLite) cannot write: {error}", retry_after=1.0)
-
-
-def _stale() -> StaleFence:
-    return StaleFence("the session was claimed by a newer lane grant")
 
 
 def _settle_all(batch: list[tuple[Statements, TurnWrite, asyncio.Future[None]]],
