@@ -21,7 +21,7 @@ import orjson
 
 from benchmarks.loadgen import Job, percentile
 from benchmarks.procs import established, memory_mb
-from benchmarks.seed import seed as seed_store
+from benchmarks.seed import seed_postgres, seed_sqlite
 from benchmarks.targets import LANEWAY, Server
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ HISTORY_CHARS = 1600  # ~400 tokens a message: 10 turns already fill the 8k cont
 PROFILE_TOP = 25
 _ANCHORS = frozenset({"site-packages", "src"})
 _STDLIB = re.compile(r"python3\.\d+")
+SCALED = ("laneway", "laneway-pg-redis")  # the targets of the history and store-size phases
 _ENTRY = re.compile(r"\(laneway/(cli|__main__)\.py\)")  # the process's entry: all samples
 
 
@@ -62,10 +63,13 @@ def handoff(bench: Bench, r: int) -> None:
 
 
 def seed(bench: Bench) -> None:
-    """Four embedded gateways, one for each side of a comparison (so that each side's CPU is
-    its own server's): short and long histories, few and many stored sessions. Each is
-    started once to migrate, stopped, seeded in its SQLite file, and restarted."""
-    assert bench.launcher is not None
+    """For each laneway target of the plan (embedded, distributed), four servers: one for each
+    side of a comparison (so that each side's CPU is its own server's), short and long
+    histories, few and many stored sessions. Each is started once to migrate, stopped, seeded
+    in its store, and restarted. A target that cannot run here is left out, as in the
+    matrix."""
+    launcher = bench.launcher
+    assert launcher is not None
     plan = bench.plan
     stores: dict[str, tuple[list[str], int, int]] = {}
     if "history" in plan.phases:
@@ -75,14 +79,23 @@ def seed(bench: Bench) -> None:
     if "stored" in plan.phases:
         for which, count in zip(("small", "large"), plan.stored_sessions):
             stores[f"stored-{which}"] = ([f"seed{i}" for i in range(count)], 1, 60)
-    for name, (keys, turns, chars) in stores.items():
-        data_dir = bench.workdir / f"laneway-{name}"
-        bench.launcher.stop(bench.launcher.laneway(f"laneway-{name}-migrate", data_dir))
-        seed_store(data_dir / "laneway.db", keys, turns, chars)
-        server = bench.launcher.laneway(f"laneway-{name}", data_dir)
-        bench.load(server, bench.job(server, requests=plan.warm_requests // 4, concurrency=4,
-                                     key=f"{bench.run_id}-warm-{name}"))
-        bench.servers[name] = server
+    for target in SCALED:
+        if target not in plan.targets or launcher.unavailable(target) or target in bench.skipped:
+            continue
+        for name, (keys, turns, chars) in stores.items():
+            label = f"{target}-{name}"
+            data_dir = bench.workdir / label
+            backend = launcher.distributed(label) if target == "laneway-pg-redis" else []
+            launcher.stop(launcher.laneway(f"{label}-migrate", data_dir, backend))
+            if backend:
+                seed_postgres(backend[backend.index("--store") + 1], keys, turns, chars)
+            else:
+                seed_sqlite(data_dir / "laneway.db", keys, turns, chars)
+            server = launcher.laneway(label, data_dir, backend)
+            bench.load(server, bench.job(server, requests=plan.warm_requests // 4,
+                                         concurrency=4, key=f"{bench.run_id}-warm-{label}"))
+            bench.servers[label] = server
+        bench.scaled.append(target)
 
 
 def history(bench: Bench, r: int) -> None:
@@ -90,13 +103,14 @@ def history(bench: Bench, r: int) -> None:
     the model gets as much from either: what differs is the length of the stored history.
     The two run in lockstep, one request each in turn."""
     sides = ("short", "long")
-    runs = bench.load_paired([
-        (server, bench.job(server, requests=bench.plan.history_requests, concurrency=1,
-                           keys="one", key=f"h-r{r}"))
-        for server in (bench.servers[f"history-{which}"] for which in sides)
-    ])
-    for which, result in zip(sides, runs):
-        bench.raw["history"].setdefault(which, []).append(result)
+    for target in bench.scaled:
+        runs = bench.load_paired([
+            (server, bench.job(server, requests=bench.plan.history_requests, concurrency=1,
+                               keys="one", key=f"h-r{r}"))
+            for server in (bench.servers[f"{target}-history-{which}"] for which in sides)
+        ])
+        for which, result in zip(sides, runs):
+            bench.raw["history"].setdefault(target, {}).setdefault(which, []).append(result)
 
 
 def stored(bench: Bench, r: int) -> None:
@@ -106,17 +120,19 @@ def stored(bench: Bench, r: int) -> None:
     plan = bench.plan
     n = plan.stored_requests
     sides = list(zip(("small", "large"), plan.stored_sessions))
-    new, cold = [], []
-    for which, count in sides:
-        server = bench.servers[f"stored-{which}"]
-        new.append((server, bench.job(server, requests=n, concurrency=1,
-                                      key=f"{bench.run_id}-new-{which}-r{r}")))
-        cold.append((server, bench.job(server, requests=n, concurrency=1, keys="seq",
-                                       key="seed", seq_start=r * n,
-                                       seq_stride=max(1, count // (plan.rounds * n)))))
-    for kind, runs in (("new", new), ("cold", cold)):
-        for (which, _), result in zip(sides, bench.load_paired(runs)):
-            bench.raw["stored"].setdefault(which, {"new": [], "cold": []})[kind].append(result)
+    for target in bench.scaled:
+        new, cold = [], []
+        for which, count in sides:
+            server = bench.servers[f"{target}-stored-{which}"]
+            new.append((server, bench.job(server, requests=n, concurrency=1,
+                                          key=f"{bench.run_id}-new-{which}-r{r}")))
+            cold.append((server, bench.job(server, requests=n, concurrency=1, keys="seq",
+                                           key="seed", seq_start=r * n,
+                                           seq_stride=max(1, count // (plan.rounds * n)))))
+        raw = bench.raw["stored"].setdefault(target, {})
+        for kind, runs in (("new", new), ("cold", cold)):
+            for (which, _), result in zip(sides, bench.load_paired(runs)):
+                raw.setdefault(which, {"new": [], "cold": []})[kind].append(result)
 
 
 def rss(bench: Bench, target: str) -> None:

@@ -192,6 +192,7 @@ class Bench:
         self.profile_out = profile_out
         self.servers: dict[str, Server] = {}
         self.skipped: dict[str, str] = {}
+        self.scaled: list[str] = []  # the targets `phases.seed` gave seeded servers
         self.raw: dict[str, Any] = {"matrix": {}, "handoff": {}, "history": {}, "stored": {},
                                     "rss": {}, "profile": {}}
         self.started = time.time()
@@ -257,11 +258,11 @@ class Bench:
         if p.profile:
             steps.append(Step("profiling laneway under load", partial(phases.profile, self)))
         steps.append(Step("stopping targets", self._stop_targets))
-        embedded = "laneway" in p.targets
-        if embedded and {"history", "stored"} & set(p.phases):
+        scaled = any(t in p.targets for t in phases.SCALED)
+        if scaled and {"history", "stored"} & set(p.phases):
             steps.append(Step("seeding sessions", partial(phases.seed, self)))
         for name in ("history", "stored"):
-            if embedded and name in p.phases:
+            if scaled and name in p.phases:
                 run = getattr(phases, name)
                 steps += [Step(f"{name} · round {r + 1}/{p.rounds}", partial(run, self, r))
                           for r in range(p.rounds)]

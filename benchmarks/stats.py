@@ -116,15 +116,17 @@ def summarise(bench: Bench) -> dict[str, Any]:
             s["rss"] = raw["rss"][target]
         summary[target] = s
     result: dict[str, Any] = {"meta": bench.meta(), "summary": summary}
-    if raw["history"]:
-        h = raw["history"]
-        result["history"] = {"turns": list(bench.plan.history_turns),
-                             **_versus(h["short"], h["long"])}
-    if raw["stored"]:
-        st = raw["stored"]
-        result["stored"] = {"sessions": list(bench.plan.stored_sessions),
-                            "new": _versus(st["small"]["new"], st["large"]["new"]),
-                            "cold": _versus(st["small"]["cold"], st["large"]["cold"])}
+    scale: dict[str, Any] = {}
+    for target, h in raw["history"].items():
+        scale.setdefault(target, {})["history"] = {"turns": list(bench.plan.history_turns),
+                                                   **_versus(h["short"], h["long"])}
+    for target, st in raw["stored"].items():
+        scale.setdefault(target, {})["stored"] = {
+            "sessions": list(bench.plan.stored_sessions),
+            "new": _versus(st["small"]["new"], st["large"]["new"]),
+            "cold": _versus(st["small"]["cold"], st["large"]["cold"])}
+    if scale:
+        result["scale"] = scale
     if "laneway" in summary and "laneway-base" in summary:
         result["versus_base"] = _versus_base(raw)
     if raw["profile"]:
@@ -138,10 +140,10 @@ def _errors(result: dict[str, Any]) -> int:
     for s in result["summary"].values():
         total += sum(c["errors"] for c in s.get("cells", {}).values())
         total += s.get("handoff", {}).get("errors", 0) + s.get("rss", {}).get("errors", 0)
-    for part in ("history",):
-        total += result.get(part, {}).get("errors", 0)
-    for side in ("new", "cold"):
-        total += result.get("stored", {}).get(side, {}).get("errors", 0)
+    for scaled in result.get("scale", {}).values():
+        total += scaled.get("history", {}).get("errors", 0)
+        for side in ("new", "cold"):
+            total += scaled.get("stored", {}).get(side, {}).get("errors", 0)
     return total
 
 
@@ -222,9 +224,15 @@ def main_rows(result: dict[str, Any]) -> tuple[list[str], Rows]:
     return targets, rows
 
 
-def scale_rows(result: dict[str, Any]) -> Rows:
-    """laneway embedded: per-turn cost against history length and stored sessions."""
+#: The scale tables' titles, by target.
+SCALE_TITLES = {"laneway": "laneway embedded", "laneway-pg-redis": "laneway-pg-redis"}
+
+
+def scale_rows(result: dict[str, Any], target: str) -> Rows:
+    """A laneway target's per-turn cost against history length and stored sessions (what
+    `result["scale"][target]` holds; no rows if nothing)."""
     rows: Rows = []
+    scaled = result.get("scale", {}).get(target, {})
 
     def add(label: str, v: dict[str, Any]) -> None:
         for key, what in (("cpu_ms_per_turn", "CPU ms / turn"), ("p50_ms", "p50 ms")):
@@ -232,13 +240,13 @@ def scale_rows(result: dict[str, Any]) -> Rows:
             ratio = v[key.replace("_ms", "").replace("_per_turn", "") + "_ratio"]
             rows.append((f"{label}: {what}", {"a": _f(a), "b": _f(b), "ratio": _f(ratio)}))
 
-    if "history" in result:
-        h = result["history"]
+    if "history" in scaled:
+        h = scaled["history"]
         add(f"session of {h['turns'][0]:,} vs {h['turns'][1]:,} turns", h)
         a, b = h["first_ms"]
         rows.append(("  first (cold) turn ms", {"a": _f(a), "b": _f(b), "ratio": _f(_ratio(b, a))}))
-    if "stored" in result:
-        st = result["stored"]
+    if "stored" in scaled:
+        st = scaled["stored"]
         small, large = st["sessions"]
         add(f"{small:,} vs {large:,} stored sessions, new keys", st["new"])
         add(f"{small:,} vs {large:,} stored sessions, first touch of a stored one", st["cold"])
@@ -259,11 +267,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["| | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
     lines += ["| " + label + " | " + " | ".join(v[t] for t in targets) + " |"
               for label, v in rows]
-    extra = scale_rows(result)
-    if extra:
-        lines += ["", "| laneway embedded | a | b | b / a |", "|---|---|---|---|"]
+    for target in result.get("scale", {}):
+        lines += ["", f"| {SCALE_TITLES.get(target, target)} | a | b | b / a |",
+                  "|---|---|---|---|"]
         lines += [f"| {label.strip()} | {v['a']} | {v['b']} | {v['ratio']} |"
-                  for label, v in extra]
+                  for label, v in scale_rows(result, target)]
     versus = base_rows(result)
     if versus:
         lines += ["", "| laneway vs laneway-base | base | laneway | ratio (paired) |",

@@ -29,7 +29,8 @@ from benchmarks.procs import Proc, Procs, free_port, roots, wait_http
 ALL = ("direct", "bare", "laneway", "laneway-base", "laneway-pg-redis", "laneway-pg-redis-base",
        "litellm")
 LANEWAY = ("laneway", "laneway-base", "laneway-pg-redis", "laneway-pg-redis-base")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_BENCH = "postgresql://postgres@127.0.0.1:5432"
+PG_ADMIN = f"{PG_BENCH}/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 SERVICES = frozenset({"postgres", "redis-server"})
 CHECKPOINT_S = 1.1  # laneway's SQLite checkpointer: 0.5 s after a commit, polled each 0.5 s
@@ -93,10 +94,7 @@ class Launcher:
             return self.laneway(label, self.workdir / label, src=src)
         if name in ("laneway-pg-redis", "laneway-pg-redis-base"):
             src = self.base_src if name.endswith("-base") else None
-            server = self.laneway(label, self.workdir / label, self.distributed(), src=src)
-            server.services = roots(SERVICES)
-            server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
-            return server
+            return self.laneway(label, self.workdir / label, self.distributed(), src=src)
         if name == "litellm":
             port = free_port()
             config = self.workdir / f"{label}.yaml"
@@ -108,15 +106,16 @@ class Launcher:
             return self._ready(Server(name, f"http://127.0.0.1:{port}", proc), timeout_s=120)
         raise ValueError(f"unknown target {name!r}; known: {', '.join(ALL)}")
 
-    def distributed(self) -> list[str]:
+    def distributed(self, lanes: str = "") -> list[str]:
         """`laneway serve`'s options for the distributed backend: a new database (dropped by
-        `cleanup`) and this run's Redis key prefix."""
+        `cleanup`) and this run's Redis key prefix, or a prefix under it named `lanes` (for
+        servers that must not share lanes: the same key on each is another session)."""
         database = f"laneway_bench_{secrets.token_hex(4)}"
         _postgres(f"CREATE DATABASE {database}")
         self.databases.append(database)
         self.redis_used = True
-        return ["--store", f"postgresql://postgres@127.0.0.1:5432/{database}",
-                "--lanes", f"{REDIS}?prefix={self.redis_prefix}"]
+        prefix = self.redis_prefix + (f"{lanes}:" if lanes else "")
+        return ["--store", f"{PG_BENCH}/{database}", "--lanes", f"{REDIS}?prefix={prefix}"]
 
     def laneway(
         self, label: str, data_dir: Path, extra: list[str] | None = None, src: Path | None = None
@@ -130,6 +129,9 @@ class Launcher:
         proc = self.procs.spawn(label, argv, env={"PYTHONPATH": str(src)} if src else {})
         server = Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz",
                         settle_s=CHECKPOINT_S, metrics_path="/metrics")
+        if "--store" in argv:  # the distributed backend (`distributed`)
+            server.services = roots(SERVICES)
+            server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
         return self._ready(server)
 
     def stop(self, server: Server) -> None:

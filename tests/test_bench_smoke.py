@@ -81,11 +81,35 @@ def test_handoff_history_store_and_memory(result: dict[str, Any]) -> None:
         rss = result["summary"][target]["rss"]
         assert rss["peak_mb"] >= rss["idle_mb"] > 0 and rss["connections"] > 0
         assert rss["sessions"] >= rss["in_flight"]
-    history = result["history"]
-    assert history["turns"] == [10, 1000]
-    for part in (history, result["stored"]["new"], result["stored"]["cold"]):
+    assert list(result["scale"]) == ["laneway"]
+    assert_scale(result["scale"]["laneway"])
+
+
+def assert_scale(scaled: dict[str, Any]) -> None:
+    """Complete figures of the history and store-size phases of one target (quick mode)."""
+    history, stored = scaled["history"], scaled["stored"]
+    assert history["turns"] == [10, 1000] and stored["sessions"] == [100, 10_000]
+    for part in (history, stored["new"], stored["cold"]):
         assert positive(part["cpu_ratio"]) and positive(part["p50_ratio"])
         assert all(positive(v) for v in part["cpu_ms_per_turn"] + part["p50_ms"])
+        assert part["errors"] == 0
+
+
+def test_history_and_store_size_on_postgres_and_redis(tmp_path: Path) -> None:
+    """The same phases on the distributed backend: its servers seeded in PostgreSQL, each
+    with lanes of its own in Redis."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "laneway", "bench", "--quick", "--rounds", "1", "--scale", "0.25",
+         "--only", "history,stored", "--targets", "direct,laneway-pg-redis", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["targets"] == {"direct": "ok", "laneway-pg-redis": "ok"}
+    assert result["errors"] == 0 and list(result["scale"]) == ["laneway-pg-redis"]
+    assert_scale(result["scale"]["laneway-pg-redis"])
+    assert "| laneway-pg-redis | a | b | b / a |" in out.with_suffix(".md").read_text()
 
 
 def test_profile_summary(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -136,13 +136,13 @@ def _show(console: Console, result: dict[str, Any], stats: Any) -> None:
         table.add_column(target, justify="right")
     for label, values in rows:
         table.add_row(label, *(values[t] for t in targets))
-    console.print(table)
-    extra = stats.scale_rows(result)
-    if extra:
-        scale = Table(title="laneway embedded: cost against history length and store size")
+    console.print(table if rows else table.title)  # no matrix, hand-off or RSS: the title
+    for target in result.get("scale", {}):
+        title = stats.SCALE_TITLES.get(target, target)
+        scale = Table(title=f"{title}: cost against history length and store size")
         for name in ("", "a", "b", "b / a"):
             scale.add_column(name, justify="left" if not name else "right")
-        for label, v in extra:
+        for label, v in stats.scale_rows(result, target):
             scale.add_row(label, v["a"], v["b"], v["ratio"])
         console.print(scale)
     versus = stats.base_rows(result)
