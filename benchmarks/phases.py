@@ -22,7 +22,7 @@ import orjson
 from benchmarks.loadgen import Job, percentile
 from benchmarks.procs import established, memory_mb
 from benchmarks.seed import seed_postgres, seed_sqlite
-from benchmarks.targets import LANEWAY, Server
+from benchmarks.targets import LANEWAY, Server, postgres_backends
 
 if TYPE_CHECKING:
     from benchmarks.runner import Bench
@@ -94,6 +94,8 @@ def seed(bench: Bench) -> None:
             server = launcher.laneway(label, data_dir, backend)
             bench.load(server, bench.job(server, requests=plan.warm_requests // 4,
                                          concurrency=4, key=f"{bench.run_id}-warm-{label}"))
+            if backend:  # the two sides share PostgreSQL: count each its own connections
+                server.services = postgres_backends(server)
             bench.servers[label] = server
         bench.scaled.append(target)
 

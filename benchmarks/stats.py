@@ -84,12 +84,20 @@ def _pooled_cpu(matrix: dict[str, dict[str, list[dict[str, Any]]]], target: str)
     return median(_round_cpu(matrix, target))
 
 
+def _ratio_key(key: str) -> str:
+    """cpu_ms_per_turn -> cpu_ratio, p50_ms -> p50_ratio, services_cpu_ms_per_turn -> ..."""
+    return key.replace("_ms", "").replace("_per_turn", "") + "_ratio"
+
+
 def _versus(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians of each side, and of the per-round ratios b / a."""
     out: dict[str, Any] = {}
-    for key in ("cpu_ms_per_turn", "p50_ms", "p99_ms"):
+    keys = ["cpu_ms_per_turn", "p50_ms", "p99_ms"]
+    if any(r["services_cpu_ms_per_turn"] for r in a + b):  # the PostgreSQL of each side
+        keys.append("services_cpu_ms_per_turn")
+    for key in keys:
         out[key] = [median([r[key] for r in a]), median([r[key] for r in b])]
-        out[key.replace("_ms", "").replace("_per_turn", "") + "_ratio"] = _paired(b, a, key, "/")
+        out[_ratio_key(key)] = _paired(b, a, key, "/")
     out["first_ms"] = [a[0]["first_ms"], b[0]["first_ms"]] if a and b else [0.0, 0.0]
     out["errors"] = sum(r["errors"] for r in a + b)
     return out
@@ -235,10 +243,13 @@ def scale_rows(result: dict[str, Any], target: str) -> Rows:
     scaled = result.get("scale", {}).get(target, {})
 
     def add(label: str, v: dict[str, Any]) -> None:
-        for key, what in (("cpu_ms_per_turn", "CPU ms / turn"), ("p50_ms", "p50 ms")):
-            a, b = v[key]
-            ratio = v[key.replace("_ms", "").replace("_per_turn", "") + "_ratio"]
-            rows.append((f"{label}: {what}", {"a": _f(a), "b": _f(b), "ratio": _f(ratio)}))
+        for key, what in (("cpu_ms_per_turn", "CPU ms / turn"),
+                          ("services_cpu_ms_per_turn", "PostgreSQL CPU ms / turn"),
+                          ("p50_ms", "p50 ms")):
+            if key in v:
+                a, b = v[key]
+                rows.append((f"{label}: {what}",
+                             {"a": _f(a), "b": _f(b), "ratio": _f(v[_ratio_key(key)])}))
 
     if "history" in scaled:
         h = scaled["history"]
@@ -263,18 +274,22 @@ def base_rows(result: dict[str, Any]) -> Rows:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The run's tables in Markdown, one after another."""
+    tables: list[list[str]] = []
+
+    def line(cells: list[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    def table(head: list[str], rows: list[list[str]]) -> None:
+        if rows:
+            tables.append([line(head), "|---" * len(head) + "|", *map(line, rows)])
+
     targets, rows = main_rows(result)
-    lines = ["| | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
-    lines += ["| " + label + " | " + " | ".join(v[t] for t in targets) + " |"
-              for label, v in rows]
+    table(["", *targets], [[label, *(v[t] for t in targets)] for label, v in rows])
     for target in result.get("scale", {}):
-        lines += ["", f"| {SCALE_TITLES.get(target, target)} | a | b | b / a |",
-                  "|---|---|---|---|"]
-        lines += [f"| {label.strip()} | {v['a']} | {v['b']} | {v['ratio']} |"
-                  for label, v in scale_rows(result, target)]
-    versus = base_rows(result)
-    if versus:
-        lines += ["", "| laneway vs laneway-base | base | laneway | ratio (paired) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {label} | {v['a']} | {v['b']} | {v['ratio']} |" for label, v in versus]
-    return "\n".join(lines) + "\n"
+        table([SCALE_TITLES.get(target, target), "a", "b", "b / a"],
+              [[label.strip(), v["a"], v["b"], v["ratio"]]
+               for label, v in scale_rows(result, target)])
+    table(["laneway vs laneway-base", "base", "laneway", "ratio (paired)"],
+          [[label, v["a"], v["b"], v["ratio"]] for label, v in base_rows(result)])
+    return "\n\n".join("\n".join(lines) for lines in tables) + "\n"

@@ -23,6 +23,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.procs import Proc, Procs, free_port, roots, wait_http
 
@@ -51,6 +52,8 @@ class Server:
     settle_s: float = 0.0
     #: Where laneway's Prometheus metrics are: a run reads its store calls' latency there.
     metrics_path: str | None = None
+    #: The distributed backend's PostgreSQL database.
+    database: str | None = None
 
     @property
     def chat_url(self) -> str:
@@ -130,6 +133,7 @@ class Launcher:
         server = Server("laneway", f"http://127.0.0.1:{port}", proc, "/healthz",
                         settle_s=CHECKPOINT_S, metrics_path="/metrics")
         if "--store" in argv:  # the distributed backend (`distributed`)
+            server.database = argv[argv.index("--store") + 1].rsplit("/", 1)[1]
             server.services = roots(SERVICES)
             server.settle_s = 0.0  # no checkpointer: PostgreSQL writes on its own
         return self._ready(server)
@@ -188,14 +192,24 @@ general_settings:
 """
 
 
-def _postgres(statement: str) -> None:
-    async def run() -> None:
+def postgres_backends(server: Server) -> list[int]:
+    """The PIDs of the PostgreSQL processes serving the distributed `server`'s database (its
+    connections): their CPU is that server's alone, where the postmaster's whole tree counts
+    every database's."""
+    assert server.database is not None
+    rows = _postgres("SELECT pid FROM pg_stat_activity WHERE datname = $1", server.database)
+    return [row[0] for row in rows]
+
+
+def _postgres(statement: str, *args: object) -> list[Any]:
+    async def run() -> list[Any]:
         import asyncpg
 
         conn = await asyncpg.connect(PG_ADMIN, timeout=5)
         try:
-            await conn.execute(statement)
+            return list(await conn.fetch(statement, *args)) if args else \
+                [await conn.execute(statement)]
         finally:
             await conn.close()
 
-    asyncio.run(run())
+    return asyncio.run(run())
