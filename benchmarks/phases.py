@@ -195,23 +195,30 @@ def _hold(bench: Bench, job: Job, total: int, cap: int, server: Server) -> tuple
 
 
 def profile(bench: Bench) -> None:
-    """py-spy (sampling, non-blocking) on the embedded gateway through c32 and c1 load."""
-    server = bench.servers.get("laneway")
+    """py-spy (sampling, non-blocking) on each laneway target running (embedded, distributed),
+    one after the other, through c32 and c1 load."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if server is None or server.proc is None or not Path(spy).exists():
-        bench.raw["profile"] = {"skipped": "py-spy or the laneway target is missing"}
+    names = [name for name in SCALED if name in bench.servers]
+    if not names or not Path(spy).exists():
+        bench.raw["profile"] = {"skipped": "py-spy or a laneway target is missing"}
         return
-    out = bench.workdir / "laneway.pyspy.txt"
-    proc = bench.procs.spawn("py-spy", [spy, "record", "--pid", str(server.proc.pid),
-                                        "--format", "raw", "--output", str(out),
-                                        "--rate", "400", "--nonblocking"])
+    for name in names:
+        bench.raw["profile"][name] = _profile(bench, spy, name, bench.servers[name])
+
+
+def _profile(bench: Bench, spy: str, name: str, server: Server) -> dict[str, Any]:
+    assert server.proc is not None
+    out = bench.workdir / f"{name}.pyspy.txt"
+    proc = bench.procs.spawn(f"py-spy-{name}", [
+        spy, "record", "--pid", str(server.proc.pid), "--format", "raw", "--output", str(out),
+        "--rate", "400", "--nonblocking"])
     time.sleep(1.0)  # attached by then
     plan = bench.plan
     for concurrency, stream, n in ((32, False, 3 * plan.c32_requests),
                                    (32, True, 2 * plan.c32_requests),
                                    (1, False, 2 * plan.c1_requests)):
         bench.load(server, bench.job(server, requests=n, concurrency=concurrency, stream=stream,
-                                     key=f"{bench.run_id}-prof-{concurrency}{stream}"))
+                                     key=f"{bench.run_id}-prof-{name}-{concurrency}{stream}"))
     proc.popen.send_signal(signal.SIGINT)
     try:
         proc.popen.wait(30)
@@ -219,12 +226,12 @@ def profile(bench: Bench) -> None:
         pass
     bench.procs.stop(proc)
     if not out.exists():
-        bench.raw["profile"] = {"skipped": f"py-spy wrote nothing: {proc.output(500)}"}
-        return
-    if bench.profile_out is not None:
-        shutil.copyfile(out, bench.profile_out)
-    bench.raw["profile"] = summarise_profile(out.read_text())
-    bench.raw["profile"]["file"] = str(bench.profile_out or out)
+        return {"skipped": f"py-spy wrote nothing: {proc.output(500)}"}
+    file = out
+    if bench.profile_out is not None:  # next to the results: NAME.TARGET.pyspy.txt
+        file = bench.profile_out.with_name(f"{bench.profile_out.stem}.{name}.pyspy.txt")
+        shutil.copyfile(out, file)
+    return {**summarise_profile(out.read_text()), "file": str(file)}
 
 
 def summarise_profile(raw: str) -> dict[str, Any]:

@@ -180,7 +180,7 @@ class Bench:
         root: Path | None = None,
         laneway_src: Path | None = None,
         base_src: Path | None = None,
-        profile_out: Path | None = None,
+        profile_out: Path | None = None,  # the results' path: py-spy's files go beside it
     ) -> None:
         self.plan = plan
         self.root = root or Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ class Bench:
             steps += [Step(f"hand-off · round {r + 1}/{p.rounds}", partial(phases.handoff, self, r))
                       for r in range(p.rounds)]
         if p.profile:
-            steps.append(Step("profiling laneway under load", partial(phases.profile, self)))
+            steps.append(Step("profiling laneway under load (py-spy)", partial(phases.profile, self)))
         steps.append(Step("stopping targets", self._stop_targets))
         scaled = any(t in p.targets for t in phases.SCALED)
         if scaled and {"history", "stored"} & set(p.phases):

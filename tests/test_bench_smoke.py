@@ -131,6 +131,26 @@ def test_profile_summary(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [p["function"] for p in summary["by_package"]] == ["laneway", "orjson"]
 
 
+def test_profile_of_each_laneway_target(tmp_path: Path) -> None:
+    """`--profile` samples each laneway target under load with py-spy: a summary each in the
+    results and py-spy's whole output beside them."""
+    out = tmp_path / "prof.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "laneway", "bench", "--quick", "--rounds", "1", "--scale", "0.25",
+         "--only", "handoff", "--profile", "--targets", "direct,laneway,laneway-pg-redis",
+         "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    profiles = json.loads(out.read_text())["profile"]
+    assert set(profiles) == {"laneway", "laneway-pg-redis"}, profiles
+    for target, prof in profiles.items():
+        assert prof["samples"] > 0 and prof["top_self"], target
+        assert "laneway" in {p["function"] for p in prof["by_package"]}, target
+        assert prof["file"] == str(tmp_path / f"prof.{target}.pyspy.txt")
+        assert Path(prof["file"]).read_text().strip(), target
+
+
 def test_instruction_counts_run() -> None:
     """`benchmarks/instructions.py` counts under callgrind: a laneway turn costs more than
     the bare relay, a turn through PostgreSQL and Redis more again, and each a sane amount

@@ -40,7 +40,7 @@ def bench(
         Path, typer.Option("--json", help="Results file; a .md table goes next to it.")
     ] = Path("laneway-bench.json"),
     profile: Annotated[
-        bool, typer.Option(help="Also profile laneway under load with py-spy.")
+        bool, typer.Option(help="Also profile each laneway target under load with py-spy.")
     ] = False,
     laneway_src: Annotated[
         Path | None,
@@ -75,7 +75,7 @@ def bench(
         raise typer.Exit(2) from None
     json_path = json_path.resolve()
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    profile_out = json_path.with_suffix(".pyspy.txt") if profile else None
+    profile_out = json_path if profile else None  # profiles go next to it
     previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
@@ -153,9 +153,11 @@ def _show(console: Console, result: dict[str, Any], stats: Any) -> None:
         for label, v in versus:
             base.add_row(label, v["a"], v["b"], v["ratio"])
         console.print(base)
-    prof = result.get("profile", {})
-    if prof.get("top_self"):
-        top = Table(title=f"py-spy, laneway under load: top self time ({prof['samples']} samples)")
+    for target, prof in result.get("profile", {}).items():
+        if not isinstance(prof, dict) or not prof.get("top_self"):
+            continue
+        top = Table(title=f"py-spy, {target} under load: top self time "
+                          f"({prof['samples']} samples, all in {prof['file']})")
         top.add_column("function")
         top.add_column("%", justify="right")
         for entry in prof["top_self"][:15]:
