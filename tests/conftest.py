@@ -99,10 +99,12 @@ StartGateway = Callable[..., Gateway]
 
 
 def start_gateway(
-    *args: str, env: dict[str, str] | None = None, config: str | None = None, wait: float = 60
+    *args: str, env: dict[str, str] | None = None, config: str | None = None, wait: float = 60,
+    data_dir: Path | None = None,
 ) -> Gateway:
-    """`laneway serve` on a free port with a fresh data dir; returns once /healthz is ok."""
-    data_dir = Path(tempfile.mkdtemp(prefix="laneway-test-"))
+    """`laneway serve` on a free port with a fresh data dir (or `data_dir`); returns once
+    /healthz is ok."""
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="laneway-test-"))
     port = free_port()
     argv = [sys.executable, "-m", "laneway", "serve", "--port", str(port),
             "--data-dir", str(data_dir), "--log-level", "warning", *args]
@@ -111,12 +113,13 @@ def start_gateway(
         path.write_text(config)
         argv += ["--config", str(path)]
     log = data_dir / "server.log"
-    proc = subprocess.Popen(
-        argv,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    with log.open("ab") as out:  # the child writes to its own copy of the descriptor
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     gateway = Gateway(f"http://127.0.0.1:{port}", proc, data_dir, log)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -45,7 +45,7 @@ def seeded(request: pytest.FixtureRequest, gateways: StartGateway, upstream: Scr
             first = start_gateway()
             first.stop()
             seed_sqlite(first.data_dir / "laneway.db", keys, turns=2, chars=80)
-            yield gateways("--upstream", upstream.url, "--data-dir", str(first.data_dir))
+            yield gateways("--upstream", upstream.url, data_dir=first.data_dir)
 
 
 async def _turn(client: AsyncOpenAI, key: str, text: str) -> str:
