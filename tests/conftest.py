@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,9 +70,12 @@ class Gateway:
         return self.url + "/v1"
 
     def client(self, **kwargs: object) -> AsyncOpenAI:
+        """An SDK client; closed when the test ends (`_close_clients`)."""
         options: dict[str, object] = {"max_retries": 0, "timeout": 30.0}
         options.update(kwargs)
-        return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **options)  # type: ignore[arg-type]
+        client = AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **options)  # type: ignore[arg-type]
+        _clients.append(client)
+        return client
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -96,6 +99,23 @@ class Gateway:
 
 
 StartGateway = Callable[..., Gateway]
+_clients: list[AsyncOpenAI] = []  # made by `Gateway.client` during the running test
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(request: pytest.FixtureRequest) -> None:
+    """Close the SDK clients an async test made, in its event loop (their connections belong
+    to it), rather than leaving them to the garbage collector. Sync tests (some drive an
+    event loop of their own) are left alone."""
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("_sdk_clients")
+
+
+@pytest.fixture
+async def _sdk_clients() -> AsyncIterator[None]:
+    yield
+    while _clients:
+        await _clients.pop().close()
 
 
 def start_gateway(

@@ -190,8 +190,12 @@ def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
 def test_the_bench_model_paces_a_stream_one_event_per_write() -> None:
     """`p=MS` in the script: the reply's events come in writes of one each, MS apart (what
     `benchmarks.instructions --pace` measures); without it, in one write."""
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.upstream", "--port", "0"],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    with subprocess.Popen([sys.executable, "-m", "benchmarks.upstream", "--port", "0"],
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        _paced_and_whole(proc)
+
+
+def _paced_and_whole(proc: subprocess.Popen[str]) -> None:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline().split()[1])

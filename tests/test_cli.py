@@ -86,16 +86,16 @@ async def test_env_vars_and_api_keys(gateways: StartGateway, upstream: ScriptedU
 
 def test_serve_prints_where_it_listens(tmp_path: Path, upstream: ScriptedUpstream) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "laneway", "serve", "--port", str(port), "--data-dir", str(tmp_path), "--upstream", upstream.url],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline() for _ in range(3)]
+        finally:
+            proc.terminate()
+            proc.wait(20)
     assert f"http://127.0.0.1:{port}" in lines[0]
     assert upstream.url in lines[1] and "sqlite:///" in lines[2]
 
