@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 HISTORY_CHARS = 1600  # ~400 tokens a message: 10 turns already fill the 8k context window
 PROFILE_TOP = 25
+#: The targets of the history, store-size and profile phases.
+SCALED = ("laneway", "laneway-pg-redis")
 _ANCHORS = frozenset({"site-packages", "src"})
 _STDLIB = re.compile(r"python3\.\d+")
-SCALED = ("laneway", "laneway-pg-redis")  # the targets of the history and store-size phases
 _ENTRY = re.compile(r"\(laneway/(cli|__main__)\.py\)")  # the process's entry: all samples
 
 
