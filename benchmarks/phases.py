@@ -22,7 +22,7 @@ import orjson
 from benchmarks.loadgen import Job, percentile
 from benchmarks.procs import established, memory_mb
 from benchmarks.seed import seed_postgres, seed_sqlite
-from benchmarks.targets import LANEWAY, Server, postgres_backends
+from benchmarks.targets import LANEWAY, PG_BENCH, Server, postgres_backends
 
 if TYPE_CHECKING:
     from benchmarks.runner import Bench
@@ -87,15 +87,16 @@ def seed(bench: Bench) -> None:
             label = f"{target}-{name}"
             data_dir = bench.workdir / label
             backend = launcher.distributed(label) if target == "laneway-pg-redis" else []
-            launcher.stop(launcher.laneway(f"{label}-migrate", data_dir, backend))
-            if backend:
-                seed_postgres(backend[backend.index("--store") + 1], keys, turns, chars)
+            migrated = launcher.laneway(f"{label}-migrate", data_dir, backend)
+            launcher.stop(migrated)
+            if migrated.database:
+                seed_postgres(f"{PG_BENCH}/{migrated.database}", keys, turns, chars)
             else:
                 seed_sqlite(data_dir / "laneway.db", keys, turns, chars)
             server = launcher.laneway(label, data_dir, backend)
             bench.load(server, bench.job(server, requests=plan.warm_requests // 4,
                                          concurrency=4, key=f"{bench.run_id}-warm-{label}"))
-            if backend:  # the two sides share PostgreSQL: count each its own connections
+            if server.database:  # the two sides share PostgreSQL: count each its own connections
                 server.services = postgres_backends(server)
             bench.servers[label] = server
         bench.scaled.append(target)

@@ -202,13 +202,17 @@ def postgres_backends(server: Server) -> list[int]:
 
 
 def _postgres(statement: str, *args: object) -> list[Any]:
+    """Run `statement` as the admin; its rows. Without arguments it goes as a simple query
+    (`CREATE DATABASE` and `DROP DATABASE` are commands, not statements to prepare)."""
     async def run() -> list[Any]:
         import asyncpg
 
         conn = await asyncpg.connect(PG_ADMIN, timeout=5)
         try:
-            return list(await conn.fetch(statement, *args)) if args else \
-                [await conn.execute(statement)]
+            if not args:
+                await conn.execute(statement)
+                return []
+            return list(await conn.fetch(statement, *args))
         finally:
             await conn.close()
 
