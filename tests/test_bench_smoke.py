@@ -166,6 +166,23 @@ def test_instruction_counts_run() -> None:
     assert 0.05 < counts["bare"] < counts["laneway"] < counts["laneway-pg-redis"] < 20, counts
 
 
+def test_first_touch_split_runs(tmp_path: Path) -> None:
+    """`benchmarks/firsttouch.py` touches seeded sessions of a small and a large store and
+    splits each turn's CPU into its read, its commit and the checkpoint."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.firsttouch", "--small", "50", "--large", "2000",
+         "--turns", "40", "--repeats", "1", "--dir", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["50", "2,000"], proc.stdout
+    for row in rows:
+        read, commit, checkpoint, total = map(float, row[1:])
+        assert read > 0 and commit > 0 and checkpoint >= 0, row
+        assert math.isclose(total, read + commit + checkpoint, abs_tol=0.002), row
+
+
 def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
     """`--base-src` adds target laneway-base (here: this same tree) to every round and reports
     laneway against it, paired per round."""
