@@ -183,6 +183,20 @@ def test_first_touch_split_runs(tmp_path: Path) -> None:
         assert math.isclose(total, read + commit + checkpoint, abs_tol=0.002), row
 
 
+def test_postgres_write_variants_run() -> None:
+    """`benchmarks/pgwrite.py` writes every turn of each variant through laneway's
+    `GroupWriter` (it checks the rows) and reports PostgreSQL's CPU for each."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pgwrite", "--turns", "60", "--repeats", "1",
+         "as-is", "no-message-id"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["as-is", "no-message-id"], proc.stdout
+    assert all(finite(float(row[1])) and float(row[1]) >= 0 for row in rows), rows
+
+
 def test_base_build_runs_in_the_same_rounds(tmp_path: Path) -> None:
     """`--base-src` adds target laneway-base (here: this same tree) to every round and reports
     laneway against it, paired per round."""
