@@ -4,8 +4,8 @@ to find what would make the distributed backend's one statement per turn cheaper
 Each variant gets a database of its own, migrated by laneway, then changed by the variant's
 statements; 32 sessions take turns of two messages each, written one at a time through
 laneway's `GroupWriter` (the one-turn statement that a turn at concurrency 1 sends). The
-figure is the CPU of the PostgreSQL backend that ran them, from /proc, so PostgreSQL must run
-on this machine. Variants run interleaved, `--repeats` times.
+figure is the CPU of the PostgreSQL backend that ran them, from /proc (`procs.cpu_seconds`),
+so PostgreSQL must run on this machine. Variants run interleaved, `--repeats` times.
 
     python -m benchmarks.pgwrite [--dsn postgresql://postgres@127.0.0.1/test]
                                  [--turns 3000] [--repeats 3] [variant ...]
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
 import statistics
 import time
@@ -24,11 +23,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import create_async_engine
 
+from benchmarks.procs import cpu_seconds
 from laneway.store.driver import TurnWrite
-from laneway.store.migrate import upgrade
 from laneway.store.pgwrites import GroupWriter
+from laneway.store.sql import SqlStore
 
 #: name: (statements on the migrated database, statements on the writing connection)
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {
@@ -43,12 +42,6 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "async-commit": ([], ["SET synchronous_commit = off"]),
 }
 SESSIONS = 32
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.asynccontextmanager
@@ -76,10 +69,9 @@ async def _measure(dsn: str, variant: str, turns: int) -> float:
     """ms of the writing backend's CPU per turn."""
     tables, session = VARIANTS[variant]
     async with _database(dsn) as url:
-        engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1])
-        async with engine.begin() as conn:
-            await conn.run_sync(upgrade)
-        await engine.dispose()
+        store = SqlStore(url)  # opening it migrates the database
+        await store.open()
+        await store.close()
         setup = await asyncpg.connect(url)
         for statement in tables:
             await setup.execute(statement)
@@ -104,11 +96,11 @@ async def _measure(dsn: str, variant: str, turns: int) -> float:
             warm = 200
             for i in range(warm + turns):
                 if i == warm:
-                    start = _cpu_s(backends[0])
+                    start = cpu_seconds(backends[0])
                 sid = sids[i % SESSIONS]
                 await writer.write(_write(sid, revisions[sid], i))
                 revisions[sid] += 1
-            used = _cpu_s(backends[0]) - start
+            used = cpu_seconds(backends[0]) - start
         finally:
             await writer.close()
         if len(backends) != 1:
